@@ -1,0 +1,1 @@
+"""Consumers: workers that run jobs and projectors that build the read models."""

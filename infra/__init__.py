@@ -1,0 +1,1 @@
+"""Infrastructure: settings, Kafka adapter, topics, the native local stack."""

@@ -1,0 +1,1 @@
+"""Everything that writes commands: the Python client and the jobsched CLI."""

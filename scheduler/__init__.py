@@ -1,0 +1,1 @@
+"""The scheduler: a partitioned state machine driven by Kafka transactions."""

@@ -1,0 +1,310 @@
+"""The scheduler service: a consumer-group member that drives :class:`PartitionState`.
+
+Each instance owns some partitions of ``jobs.commands`` and ``jobs.reports`` (the
+range assignor gives partition *p* of both topics to the same member).  For every batch
+of input records and every batch of due timers it runs ONE Kafka transaction that
+holds the produced ``ready``/``events``/``commands``/``control`` records, the changelog
+records of every job touched, and the consumed input offsets.  So a crash at any point
+either commits all of a step or none of it: a run is dispatched exactly once.
+
+On assignment an instance restores each new partition's state by reading the
+compacted changelog ``jobs.state`` to its end (read_committed, so an aborted
+transaction of a dead owner is never seen); the previous owner's in-flight
+transaction has to be resolved first, which the read_committed fetch waits for.
+Standby instances are simply more members of the group: when one dies, the group
+rebalances and the survivors restore and resume its partitions.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram
+
+from infra.config import Settings
+from infra.errors import BrokerUnavailable, DecodeError
+from infra.kafka import DeadLetters, ensure_topics, make_consumer, make_producer
+from infra.topics import topic_specs
+from scheduler.state import COMMANDS, CONTROL, EVENTS, READY, Output, PartitionState, Rejected, SchedulerConfig
+from schemas.codec import Codec, default_codec
+from schemas.events import DependencyRegistered, RunReady, UpstreamResolved, now_ms
+
+log = structlog.get_logger("scheduler")
+
+GROUP_ID = "jobsched-scheduler"
+
+APPLIED = Counter("jobsched_scheduler_events_applied_total", "Input events applied", ["type"])
+DISPATCHED = Counter("jobsched_scheduler_runs_dispatched_total", "RunReady records committed")
+DEAD = Counter("jobsched_scheduler_dead_letters_total", "Input records sent to the dead-letter topic")
+TXN = Histogram("jobsched_scheduler_transaction_seconds", "Duration of one scheduler transaction",
+                buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+LATENESS = Histogram("jobsched_scheduler_firing_lateness_seconds", "Dispatch time minus nominal time of timed runs",
+                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 30))
+LIVE = Gauge("jobsched_scheduler_live_jobs", "Live jobs held by this instance")
+TIMERS = Gauge("jobsched_scheduler_timers", "Pending timers held by this instance")
+OWNED = Gauge("jobsched_scheduler_partitions", "Partitions owned by this instance")
+RESTORE = Histogram("jobsched_scheduler_restore_seconds", "Time to restore newly assigned partitions",
+                    buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60))
+
+
+class SchedulerService:
+    """One scheduler instance; run several for standby and scale."""
+
+    name = "scheduler"
+
+    def __init__(self, settings: Settings, *, instance_id: str | None = None, config: SchedulerConfig | None = None,
+                 batch_size: int = 2000, codec: Codec | None = None,
+                 consumer_overrides: dict[str, Any] | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.settings = settings
+        self.instance_id = instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.config = config or SchedulerConfig()
+        self.batch_size = batch_size
+        self.codec = codec or default_codec()
+        self.states: dict[int, PartitionState] = {}
+        self._consumer_overrides = consumer_overrides or {}
+        self._known_topics: set[str] = set()
+        self._log = log.bind(instance=self.instance_id)
+        self._consumer: Consumer | None = None
+        #: Set once the instance has joined and restored its first assignment.
+        self.ready = threading.Event()
+
+    # -- restore ----------------------------------------------------------------------
+
+    def _restore(self, partitions: list[int]) -> None:
+        """Rebuild the state of ``partitions`` from the changelog, all at once."""
+        if not partitions:
+            return
+        t0 = time.monotonic()
+        topic = self.settings.state_topic
+        reader = Consumer({
+            "bootstrap.servers": self.settings.kafka_bootstrap,
+            "group.id": f"{GROUP_ID}-restore-{self.instance_id}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "fetch.max.bytes": 52428800,
+        })
+        records: dict[int, list[tuple[str, Any]]] = {p: [] for p in partitions}
+        try:
+            ends: dict[int, int] = {}
+            assign = []
+            for p in partitions:
+                lo, hi = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                if hi > lo:
+                    ends[p] = hi
+                    assign.append(TopicPartition(topic, p, OFFSET_BEGINNING))
+            if assign:
+                reader.assign(assign)
+                pending = set(ends)
+                while pending:
+                    for msg in reader.consume(10000, 1.0):
+                        err = msg.error()
+                        if err is not None:
+                            if err.code() == KafkaError._PARTITION_EOF:
+                                pos = reader.position([TopicPartition(topic, msg.partition())])[0].offset
+                                if pos >= ends[msg.partition()]:
+                                    pending.discard(msg.partition())
+                                continue
+                            raise BrokerUnavailable(f"changelog restore failed: {err.str()}")
+                        key = msg.key().decode()
+                        value = msg.value()
+                        try:
+                            rec = self.codec.decode_state(value) if value is not None else None
+                        except DecodeError as e:
+                            self._log.error("changelog_record_unreadable", job_id=key, error=str(e))
+                            continue
+                        records[msg.partition()].append((key, rec))
+        finally:
+            reader.close()
+        now = now_ms()
+        for p in partitions:
+            ps = PartitionState(p, self.config)
+            ps.restore(records[p], now)
+            self.states[p] = ps
+        took = time.monotonic() - t0
+        RESTORE.observe(took)
+        self._log.info("partitions_restored", partitions=sorted(partitions), seconds=round(took, 3),
+                       jobs=sum(len(self.states[p].jobs) for p in partitions))
+
+    def _on_assign(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        new = sorted({tp.partition for tp in tps} - set(self.states))
+        self._restore(new)
+        OWNED.set(len(self.states))
+        self.ready.set()
+
+    def _on_revoke(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        # No transaction is ever open while consume() runs callbacks, so there is
+        # nothing to flush: drop the state; the next owner restores it from the changelog.
+        gone = {tp.partition for tp in tps}
+        for p in gone:
+            self.states.pop(p, None)
+        OWNED.set(len(self.states))
+        if gone:
+            self._log.info("partitions_revoked", partitions=sorted(gone))
+
+    # -- output -----------------------------------------------------------------------
+
+    def _topic_for(self, dest: str, ev: Any) -> tuple[str, str]:
+        s = self.settings
+        if dest == READY:
+            assert isinstance(ev, RunReady)
+            return s.ready_topic(ev.queue, ev.priority), ev.job_id
+        if dest == EVENTS:
+            return s.events_topic, ev.job_id
+        if dest == COMMANDS:
+            if isinstance(ev, DependencyRegistered):
+                return s.commands_topic, ev.upstream_id
+            assert isinstance(ev, UpstreamResolved)
+            return s.commands_topic, ev.downstream_id
+        assert dest == CONTROL
+        return s.control_topic, ev.worker_id
+
+    def _ensure_ready_topics(self, outs: list[Output]) -> None:
+        """Create the ready topics of a queue the first time a job names it."""
+        missing = {ev.queue for d, ev in outs if d == READY and self.settings.ready_topic(ev.queue) not in self._known_topics}  # type: ignore[attr-defined]
+        for q in missing:
+            ensure_topics(self.settings, [t for t in topic_specs(self.settings, (q,)) if ".ready." in t.name])
+            for prio in ("high", "normal", "low"):
+                self._known_topics.add(self.settings.ready_topic(q, prio))
+            self._known_topics.add(self.settings.ready_topic(q))
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        s = self.settings
+        ensure_topics(s)
+        self._known_topics = {t.name for t in topic_specs(s)}
+        consumer = make_consumer(s, GROUP_ID, **{
+            "partition.assignment.strategy": "range",
+            "max.poll.interval.ms": 300000,
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 500,
+            **self._consumer_overrides,
+        })
+        producer = make_producer(s, transactional_id=f"{GROUP_ID}-{self.instance_id}", **{"linger.ms": 1})
+        self._consumer = consumer
+        dlq = DeadLetters(producer, s, "scheduler")
+        try:
+            producer.init_transactions(60)
+            consumer.subscribe([s.commands_topic, s.reports_topic], on_assign=self._on_assign,
+                               on_revoke=self._on_revoke, on_lost=self._on_revoke)
+            self._log.info("scheduler_started")
+            while not stop.is_set():
+                self._step(consumer, producer, dlq)
+        finally:
+            try:
+                consumer.close()  # leaves the group: survivors rebalance at once
+            finally:
+                producer.flush(10)
+                self._log.info("scheduler_stopped")
+
+    def _poll_timeout(self, now: int) -> float:
+        dues = [d for d in (ps.next_due_ms() for ps in self.states.values()) if d is not None]
+        if not dues:
+            return 0.1
+        return max(0.0, min(0.1, (min(dues) - now) / 1000))
+
+    def _step(self, consumer: Consumer, producer: Any, dlq: DeadLetters) -> None:
+        msgs = consumer.consume(self.batch_size, self._poll_timeout(now_ms()))
+        now = now_ms()
+        records = []
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise BrokerUnavailable(f"fatal consumer error: {err.str()}")
+                self._log.warning("consumer_error", error=err.str())
+                continue
+            records.append(msg)
+        due = any((d := ps.next_due_ms()) is not None and d <= now for ps in self.states.values())
+        if not records and not due:
+            return
+        t0 = time.monotonic()
+        producer.begin_transaction()
+        try:
+            outs: list[Output] = []
+            dead = 0
+            for msg in records:
+                ps = self.states.get(msg.partition())
+                if ps is None:
+                    continue
+                try:
+                    ev = self.codec.decode(msg.value())
+                except DecodeError as e:
+                    dlq.send(msg, e)
+                    dead += 1
+                    self._log.warning("dead_letter", topic=msg.topic(), partition=msg.partition(),
+                                      offset=msg.offset(), error=str(e))
+                    continue
+                try:
+                    outs.extend(ps.apply(ev, now))
+                    APPLIED.labels(type(ev).__name__).inc()
+                except Rejected as e:
+                    outs.extend(e.outputs)
+                    dlq.send(msg, e)
+                    dead += 1
+                    self._log.warning("command_rejected", topic=msg.topic(), offset=msg.offset(), error=str(e))
+            for ps in self.states.values():
+                outs.extend(ps.fire_due(now))
+            self._ensure_ready_topics(outs)
+            encode = self.codec.encode
+            dispatched = 0
+            for dest, ev in outs:
+                topic, key = self._topic_for(dest, ev)
+                producer.produce(topic, key=key.encode(), value=encode(ev))
+                if dest == READY:
+                    dispatched += 1
+                    LATENESS.observe(max(0, ev.occurred_at_ms - ev.nominal_ms) / 1000)  # type: ignore[attr-defined]
+                producer.poll(0)
+            state_topic = self.settings.state_topic
+            for p, ps in self.states.items():
+                for jid, rec in ps.take_dirty():
+                    producer.produce(state_topic, key=jid.encode(), value=encode(rec) if rec is not None else None,
+                                     partition=p)
+            if records:
+                positions = [tp for tp in consumer.position(consumer.assignment()) if tp.offset >= 0]
+                producer.send_offsets_to_transaction(positions, consumer.consumer_group_metadata(), 30)
+            producer.commit_transaction(30)
+        except KafkaException as e:
+            self._recover(consumer, producer, e)
+            return
+        DISPATCHED.inc(dispatched)
+        DEAD.inc(dead)
+        TXN.observe(time.monotonic() - t0)
+        LIVE.set(sum(len(ps.jobs) for ps in self.states.values()))
+        TIMERS.set(sum(ps.timer_count for ps in self.states.values()))
+
+    def _recover(self, consumer: Consumer, producer: Any, exc: KafkaException) -> None:
+        """A transaction failed: abort it and rewind memory and input to the last commit."""
+        err = exc.args[0]
+        self._log.error("transaction_failed", error=err.str(), retriable=err.retriable(),
+                        abortable=err.txn_requires_abort(), fatal=err.fatal())
+        if err.fatal():
+            raise BrokerUnavailable(f"scheduler producer fenced or failed: {err.str()}") from exc
+        try:
+            producer.abort_transaction(30)
+        except KafkaException as e2:
+            raise BrokerUnavailable(f"could not abort a failed transaction: {e2.args[0].str()}") from exc
+        # The in-memory state ran ahead of what was committed: rebuild it, and seek the
+        # inputs back to the committed offsets so the same records are applied again.
+        owned = sorted(self.states)
+        self.states.clear()
+        self._restore(owned)
+        assignment = consumer.assignment()
+        for tp in consumer.committed(assignment, timeout=30):
+            consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+
+
+def main(settings: Settings, **kwargs: Any) -> None:
+    from infra.service import run_until_signalled
+
+    run_until_signalled(SchedulerService(settings, **kwargs))

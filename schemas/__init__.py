@@ -1,0 +1,1 @@
+"""Avro contract of the job scheduler: schemas, event classes and the codec."""
