@@ -15,6 +15,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaExcepti
 
 from infra.config import Settings
 from infra.errors import BrokerUnavailable, DecodeError, ValidationError
+from infra.kafka import KAFKA_LOGGER
 from schemas.codec import default_codec
 
 
@@ -27,6 +28,7 @@ def replay_topic(settings: Settings, topic: str, *, from_beginning: bool = True,
         "group.id": f"jobsched-replay-{uuid.uuid4().hex[:8]}",
         "enable.auto.commit": False,
         "isolation.level": "read_committed",
+        "logger": KAFKA_LOGGER,
     })
     try:
         try:

@@ -143,6 +143,10 @@ class Settings:
     def control_topic(self) -> str:
         return f"{self.topic_prefix}.control"
 
+    def group_id(self, role: str) -> str:
+        """Consumer group of a role, per topic prefix: separate deployments never share a group."""
+        return f"{self.topic_prefix}-{role}"
+
     def ready_topic(self, queue: str, priority: str = "normal") -> str:
         """``jobs.ready.<queue>`` for normal priority, ``….high`` / ``….low`` otherwise."""
         base = f"{self.topic_prefix}.ready.{queue}"

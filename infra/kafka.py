@@ -7,6 +7,7 @@ committed transactions.  Driver errors leave as :class:`BrokerUnavailable`.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from typing import Any, Iterable
@@ -31,8 +32,14 @@ __all__ = [
 ]
 
 
+#: librdkafka's own log lines go through this logger (not straight to stderr), so a
+#: service logs them and the CLI can keep a user's terminal to one clear line.
+KAFKA_LOGGER = logging.getLogger("jobsched.kafka")
+
+
 def _base(settings: Settings) -> dict[str, Any]:
-    return {"bootstrap.servers": settings.kafka_bootstrap, "client.id": f"jobsched-{socket.gethostname()}"}
+    return {"bootstrap.servers": settings.kafka_bootstrap, "client.id": f"jobsched-{socket.gethostname()}",
+            "logger": KAFKA_LOGGER}
 
 
 #: Every producer must place a key on the same partition, or a job's commands and

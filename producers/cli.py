@@ -8,6 +8,7 @@ one line on stderr, never a traceback.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,8 @@ class _Group(click.Group):
 def cli(ctx: click.Context, user: str | None) -> None:
     """A distributed job scheduler on Apache Kafka."""
     ctx.ensure_object(dict)
+    # Broker connection chatter is for service logs; a user gets one line from us.
+    logging.getLogger("jobsched.kafka").setLevel(logging.CRITICAL)
     try:
         ctx.obj["settings"] = Settings.from_env()
     except JobschedError as e:
@@ -276,6 +279,7 @@ def _service_logging(json_logs: bool) -> None:
     from infra.logs import configure
 
     configure(json=json_logs)
+    logging.getLogger("jobsched.kafka").setLevel(logging.WARNING)
 
 
 @cli.command()

@@ -30,7 +30,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from infra.config import Settings
 from infra.errors import BrokerUnavailable, DecodeError
-from infra.kafka import DeadLetters, ensure_topics, make_consumer, make_producer
+from infra.kafka import KAFKA_LOGGER, DeadLetters, ensure_topics, make_consumer, make_producer
 from infra.topics import topic_specs
 from scheduler.state import COMMANDS, CONTROL, EVENTS, READY, Output, PartitionState, Rejected, SchedulerConfig
 from schemas.codec import Codec, default_codec
@@ -38,7 +38,6 @@ from schemas.events import DependencyRegistered, RunReady, UpstreamResolved, now
 
 log = structlog.get_logger("scheduler")
 
-GROUP_ID = "jobsched-scheduler"
 
 APPLIED = Counter("jobsched_scheduler_events_applied_total", "Input events applied", ["type"])
 DISPATCHED = Counter("jobsched_scheduler_runs_dispatched_total", "RunReady records committed")
@@ -87,7 +86,8 @@ class SchedulerService:
         topic = self.settings.state_topic
         reader = Consumer({
             "bootstrap.servers": self.settings.kafka_bootstrap,
-            "group.id": f"{GROUP_ID}-restore-{self.instance_id}",
+            "group.id": f"{self.settings.group_id('scheduler-restore')}-{self.instance_id}",
+            "logger": KAFKA_LOGGER,
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
             "enable.partition.eof": True,
@@ -183,14 +183,14 @@ class SchedulerService:
         s = self.settings
         ensure_topics(s)
         self._known_topics = {t.name for t in topic_specs(s)}
-        consumer = make_consumer(s, GROUP_ID, **{
+        consumer = make_consumer(s, s.group_id("scheduler"), **{
             "partition.assignment.strategy": "range",
             "max.poll.interval.ms": 300000,
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 500,
             **self._consumer_overrides,
         })
-        producer = make_producer(s, transactional_id=f"{GROUP_ID}-{self.instance_id}", **{"linger.ms": 1})
+        producer = make_producer(s, transactional_id=f"{s.group_id('scheduler')}-{self.instance_id}", **{"linger.ms": 1})
         self._consumer = consumer
         dlq = DeadLetters(producer, s, "scheduler")
         try:
