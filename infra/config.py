@@ -145,7 +145,9 @@ class Settings:
 
     def group_id(self, role: str) -> str:
         """Consumer group of a role, per topic prefix: separate deployments never share a group."""
-        return f"{self.topic_prefix}-{role}"
+        if self.topic_prefix == "jobs":
+            return f"jobsched-{role}"
+        return f"jobsched-{self.topic_prefix}-{role}"
 
     def ready_topic(self, queue: str, priority: str = "normal") -> str:
         """``jobs.ready.<queue>`` for normal priority, ``….high`` / ``….low`` otherwise."""
