@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -351,6 +352,62 @@ def project(ctx: click.Context, what: str, metrics_port: int) -> None:
                 t.join()
 
     run_until_signalled(_Both())
+
+
+@cli.command()
+@click.pass_context
+def migrate(ctx: click.Context) -> None:
+    """Create or upgrade the PostgreSQL projection schema (idempotent)."""
+    from consumers.projections.migrate import migrate as run_migrations
+
+    run_migrations(_settings(ctx))
+    click.echo("projection schema is up to date")
+
+
+@cli.command("rebuild-projections")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--idle", type=float, default=3.0, show_default=True,
+              help="Consider the replay done when nothing new was applied for this many seconds.")
+@click.pass_context
+def rebuild_projections(ctx: click.Context, yes: bool, idle: float) -> None:
+    """Drop the PostgreSQL projection and rebuild it by replaying jobs.events.
+
+    Stop the running projectors (`jobsched project`) first; start them again afterwards.
+    """
+    import threading
+
+    from consumers.projections.migrate import create_pg_engine
+    from consumers.projections.migrate import migrate as run_migrations
+    from consumers.projections.pg_projector import PostgresProjector, reset_projection
+
+    s = _settings(ctx)
+    if not yes:
+        click.confirm("This empties the jobs, runs, dependencies and audit tables, then replays jobs.events. Go on?",
+                      abort=True)
+    run_migrations(s)
+    engine = create_pg_engine(s)
+    try:
+        reset_projection(engine, consumers=[s.group_id("projector-pg")])
+    finally:
+        engine.dispose()
+    projector = PostgresProjector(s, kafka_group=s.group_id(f"projector-pg-rebuild-{os.getpid()}"))
+    stop = threading.Event()
+    thread = threading.Thread(target=projector.run, args=(stop,), daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    last, quiet_since = -1, time.monotonic()
+    while True:
+        time.sleep(0.25)
+        n = projector.stats.records
+        if n != last:
+            last, quiet_since = n, time.monotonic()
+        elif time.monotonic() - quiet_since >= idle:
+            break
+    stop.set()
+    thread.join(60)
+    took = time.monotonic() - t0 - idle
+    click.echo(f"replayed {projector.stats.records} events ({projector.stats.applied} applied, "
+               f"{projector.stats.dead} dead-lettered) in {took:.1f}s")
 
 
 @cli.command()

@@ -566,6 +566,7 @@ class PostgresProjector:
         settings: Settings,
         *,
         consumer_name: str | None = None,
+        kafka_group: str | None = None,
         batch_size: int = 1000,
         poll_timeout: float = 0.2,
         run_migrations: bool = True,
@@ -574,6 +575,9 @@ class PostgresProjector:
         self.settings = settings
         # Per topic prefix, so separate deployments never share (and rebalance) a group.
         self.consumer_name = consumer_name or settings.group_id("projector-pg")
+        #: Kafka group membership; progress is stored under ``consumer_name`` in PostgreSQL,
+        #: so a rebuild can join a group of its own and leave offsets the service resumes from.
+        self.kafka_group = kafka_group or self.consumer_name
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
         self.run_migrations = run_migrations
@@ -598,7 +602,7 @@ class PostgresProjector:
         try:
             if self.run_migrations and self._retry(lambda: migrate_engine(engine) or True, "migrating") is None:
                 return  # stopped before PostgreSQL answered
-            consumer = make_consumer(self.settings, self.consumer_name)
+            consumer = make_consumer(self.settings, self.kafka_group)
             consumer.subscribe([self.settings.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
             self._log.info("projector started", db=redact_url(self.settings.postgres_url))
             while not stop.is_set():

@@ -132,3 +132,29 @@ def test_user_errors_are_one_line_with_exit_codes(system: Settings, tmp_path: Pa
                  timeout=90)
     assert p.returncode == 4 and "Traceback" not in p.stderr and "Kafka" in p.stderr
     assert p.stderr.strip().count("\n") == 0
+
+
+def test_projection_rebuilt_from_the_topic_into_an_empty_database(system: Settings) -> None:
+    """Kafka is the source of truth: a brand-new database is rebuilt by replaying jobs.events."""
+    import uuid
+
+    import psycopg
+
+    s = system
+    job_id = jobsched(s, "submit", "--", "echo", "rebuild-me").stdout.strip()
+    before = wait_status(s, job_id, "completed")
+    db = f"jobsched_rebuild_{uuid.uuid4().hex[:8]}"
+    admin_url = s.postgres_url.replace("postgresql+psycopg://", "postgresql://").rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    try:
+        url = s.postgres_url.rsplit("/", 1)[0] + f"/{db}"
+        out = jobsched(s, "rebuild-projections", "--yes", "--idle", "2", extra_env={"JOBSCHED_POSTGRES_URL": url})
+        assert "replayed" in out.stdout
+        p = jobsched(s, "status", job_id, "--json", extra_env={"JOBSCHED_POSTGRES_URL": url})
+        after = json.loads(p.stdout)
+        assert after["status"] == "completed" and after["runs"] == before["runs"]
+        assert after["attempts"] == before["attempts"] and after["created_at"] == before["created_at"]
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
