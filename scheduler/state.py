@@ -26,6 +26,7 @@ from infra.errors import ValidationError
 from scheduler.timing import backoff_ms, fires_between, next_cron_ms
 from scheduler.validation import validate_spec
 from schemas.events import (
+    ANY_WORKER,
     DependencyRegistered,
     Event,
     JobCancelRequested,
@@ -52,8 +53,6 @@ FIRE, RETRY, LEASE, EXPIRE = 0, 1, 2, 3
 #: Where an output goes; the service maps these to topics.
 READY, EVENTS, COMMANDS, CONTROL = "ready", "events", "commands", "control"
 
-#: A worker id that every worker obeys (cancel of a queued run not yet started).
-ANY_WORKER = "*"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,9 +245,11 @@ class PartitionState:
             self._dispatch_new(job, due, now, out)
             return
         # Recurring: every nominal time up to now, filtered by the catch-up policy.
-        due_list = [due, *fires_between(sched.cron, sched.timezone, due, now)]
-        last = due_list[-1]
         window_start = now - max(sched.catchup_window_ms, self.config.misfire_grace_ms)
+        # Only list firings inside the window: after a long gap the full list is huge, and
+        # fires_between's limit would cut off the newest ones, which are the ones kept.
+        due_list = [due, *fires_between(sched.cron, sched.timezone, max(due, window_start - 1), now)]
+        last = due_list[-1]
         due_list = [t for t in due_list if t >= window_start]
         missed = [t for t in due_list if t < now - self.config.misfire_grace_ms]
         on_time = [t for t in due_list if t >= now - self.config.misfire_grace_ms]
@@ -334,11 +335,15 @@ class PartitionState:
             return
         if ev.attempt > run.attempt:
             return  # cannot happen: only this partition's owner issues attempts
+        if run.status == "retry_wait":
+            # This attempt already has its verdict (failed, timed out or lost): a late report
+            # must not give it a second one, and a late start elsewhere is a stale delivery.
+            if isinstance(ev, RunStarted) and run.worker_id != ev.worker_id:
+                self._kill(ev, ev.worker_id, now, out, reason="superseded attempt")
+            return
         if isinstance(ev, RunStarted):
             if run.worker_id == ev.worker_id:
                 return  # duplicate report
-            if run.status == "retry_wait":
-                return
             if run.worker_id is not None:
                 # Kafka redelivered the run to another worker: the first one is gone (or a
                 # zombie, which we stop).  That execution is lost; this one counts anew.
@@ -358,8 +363,9 @@ class PartitionState:
             self._set_status(job, "running", now, out, run_id=run.run_id)
             self._push(self._lease_deadline(job, run), LEASE, job.job_id, run.run_id, run.execution)
             return
-        if run.worker_id != ev.worker_id:
-            return  # fenced: not the execution we track
+        refused = isinstance(ev, RunFinished) and ev.outcome == "refused" and run.status == "queued"
+        if run.worker_id != ev.worker_id and not refused:
+            return  # fenced: not the execution we track (a refusal comes without a start)
         if isinstance(ev, RunHeartbeat):
             run.last_beat_ms = now  # not persisted: after a restore the lease restarts
             return

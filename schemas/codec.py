@@ -110,10 +110,10 @@ class Codec:
 
     def encode(self, event: Any) -> bytes:
         """Single-object Avro bytes for an event."""
-        try:
-            header, schema = self._writer[event.avro_name]
-        except KeyError:
-            raise EncodeError(f"{type(event).__name__} has no schema in the contract") from None
+        header_schema = self._writer.get(getattr(event, "avro_name", ""))
+        if header_schema is None:
+            raise EncodeError(f"{type(event).__name__} has no schema in the contract")
+        header, schema = header_schema
         buf = io.BytesIO()
         buf.write(header)
         try:

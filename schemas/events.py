@@ -34,6 +34,11 @@ CATCHUP_POLICIES: tuple[str, ...] = ("skip", "latest", "all")
 RUN_OUTCOMES: tuple[str, ...] = ("succeeded", "failed", "timed_out", "cancelled", "refused")
 
 
+#: ``RunCancelRequested.worker_id`` that every worker obeys: cancel of a queued run that
+#: no worker has started yet.
+ANY_WORKER = "*"
+
+
 def now_ms() -> int:
     """Wall-clock epoch milliseconds (UTC)."""
     return time.time_ns() // 1_000_000

@@ -1,0 +1,1 @@
+"""Code the tests hand to the system under test (e.g. Python job targets)."""
