@@ -270,7 +270,9 @@ class SchedulerService:
                 for jid, rec in ps.take_dirty():
                     producer.produce(state_topic, key=jid.encode(), value=encode(rec) if rec is not None else None,
                                      partition=p)
-            if records:
+            # Offsets go into every transaction, timer-only ones too: the group coordinator
+            # then fences a zombie whose partitions moved on (KIP-447) — no double dispatch.
+            if records or self.states:
                 positions = [tp for tp in consumer.position(consumer.assignment()) if tp.offset >= 0]
                 producer.send_offsets_to_transaction(positions, consumer.consumer_group_metadata(), 30)
             producer.commit_transaction(30)
