@@ -519,7 +519,11 @@ class Worker:
         log = self._log
         producer = self._producer = make_producer(self.settings)
         self._dead_letters = DeadLetters(producer, self.settings, "worker")
-        conf = {"partition.assignment.strategy": "cooperative-sticky", **self._consumer_overrides}
+        # KIP-848 group protocol with the broker's range assignor: each worker gets a share of
+        # *every* priority topic (a count-balanced assignor could give one worker all the
+        # normal partitions), and rebalances are incremental, so running jobs on partitions
+        # that stay put are never handed to another worker.
+        conf = {"group.protocol": "consumer", "group.remote.assignor": "range", **self._consumer_overrides}
         consumer = self._consumer = make_consumer(self.settings, self.group_id, **conf)
         control = make_consumer(self.settings, f"jobsched-worker-control-{self.worker_id}",
                                 **{"auto.offset.reset": "latest"})

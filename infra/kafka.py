@@ -81,6 +81,10 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consum
         "fetch.wait.max.ms": 10,
     }
     conf.update(overrides)
+    if conf.get("group.protocol") == "consumer":
+        # KIP-848 groups keep their timeouts and assignor on the broker side.
+        for key in ("session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy"):
+            conf.pop(key, None)
     return Consumer(conf)
 
 

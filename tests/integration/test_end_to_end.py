@@ -158,3 +158,29 @@ def test_projection_rebuilt_from_the_topic_into_an_empty_database(system: Settin
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def test_logs_follow_shows_lines_while_the_job_runs(system: Settings, tmp_path: Path) -> None:
+    s = system
+    go = tmp_path / "go"
+    # The job prints one line, then waits until the test has seen it through `logs -f`.
+    script = f"echo line1; while [ ! -e {go} ]; do sleep 0.05; done; for i in 2 3 4 5 6; do echo line$i; done"
+    job_id = jobsched(s, "submit", "--", "sh", "-c", script).stdout.strip()
+    env = {**os.environ, "JOBSCHED_TOPIC_PREFIX": s.topic_prefix, "JOBSCHED_PARTITIONS": str(s.partitions)}
+    follower = subprocess.Popen([sys.executable, "-m", "producers.cli", "logs", "-f", job_id],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert follower.stdout is not None
+        first = follower.stdout.readline()
+        # The first line arrived while the job was still going: it is followed live.
+        during = json.loads(jobsched(s, "status", job_id, "--json").stdout)["status"]
+        go.touch()
+        rest, err = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.communicate()
+    assert first == "line1\n", err
+    assert during == "running"
+    assert rest == "".join(f"line{i}\n" for i in range(2, 7))
+    assert follower.returncode == 0

@@ -571,14 +571,15 @@ def test_shutdown_interrupts_running_jobs_which_are_redelivered(
 
 def test_long_job_keeps_its_worker_in_the_group(
         pool: Pool, jobs: Jobs, collector: Collector, settings: Settings) -> None:
-    overrides = {"max.poll.interval.ms": 6000, "session.timeout.ms": 6000}
+    overrides = {"max.poll.interval.ms": 6000}
     a = pool.start("long", concurrency=1, consumer_overrides=overrides)
     b = pool.start("long", concurrency=1, consumer_overrides=overrides)
     wait_until(lambda: len(a.assigned) + len(b.assigned) == 9 and not (a.assigned & b.assigned), 30,
                "the two workers did not split the partitions")
     before = (a.assigned, b.assigned)
-    sub = jobs.submit("long", shell("sleep 20; echo done"))
-    ev = collector.finished(sub.ready, timeout=60).event
+    # Two minutes: twenty times max.poll.interval.ms, while the worker keeps polling.
+    sub = jobs.submit("long", shell("sleep 120; echo done"))
+    ev = collector.finished(sub.ready, timeout=200).event
     assert ev.outcome == "succeeded"
     owner = a if (sub.topic, sub.partition) in a.assigned else b
     assert ev.worker_id == owner.worker_id
