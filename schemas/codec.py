@@ -87,7 +87,7 @@ class Codec:
         self._readers: dict[bytes, tuple[str, Any, Any]] = {}  # fingerprint -> (name, writer, reader)
         self._shapes: dict[str, _Shape] = {}
         for name, schema in current.items():
-            parsed = fastavro.parse_schema(schema, _write_hint=False)
+            parsed = fastavro.parse_schema(schema)
             fp = fingerprint(schema)
             self._readers[fp] = (name, parsed, parsed)
             cls = TOP_LEVEL.get(name) or VALUE_TYPES.get(name)
@@ -104,7 +104,7 @@ class Codec:
                 fp = fingerprint(schema)
                 if fp not in self._readers:
                     reader = self._readers[fingerprint(current[name])][2]
-                    self._readers[fp] = (name, fastavro.parse_schema(schema, _write_hint=False), reader)
+                    self._readers[fp] = (name, fastavro.parse_schema(schema), reader)
 
     # -- encoding ---------------------------------------------------------------------
 
