@@ -387,8 +387,11 @@ class PartitionState:
         out.append((CONTROL, RunCancelRequested(
             user_id=job.spec.user_id, tenant_id=job.spec.tenant_id, occurred_at_ms=now, job_id=job.job_id,
             run_id=run.run_id, attempt=run.attempt, worker_id=run.worker_id, reason="lease expired")))
-        self._failed_attempt(job, run, "lost", f"no heartbeat from worker {run.worker_id} within the lease",
-                             None, now, out)
+        if run.last_beat_ms + job.spec.lease_ms <= now:
+            why = f"no heartbeat from worker {run.worker_id} within the lease ({job.spec.lease_ms} ms)"
+        else:
+            why = f"no result from worker {run.worker_id} within the timeout plus {self.config.timeout_grace_ms} ms"
+        self._failed_attempt(job, run, "lost", why, None, now, out)
 
     def _on_finished(self, job: Job, run: Run, ev: RunFinished, now: int, out: list[Output]) -> None:
         self.dirty.add(job.job_id)

@@ -97,28 +97,38 @@ def wall_to_instant_ms(wall: datetime, tz: ZoneInfo) -> int:
     return hi * 1000
 
 
-def next_cron_ms(expr: str, tz_name: str, after_ms: int) -> int:
-    """The first nominal fire instant strictly after ``after_ms``."""
+def _instants_after(expr: str, tz_name: str, after_ms: int):  # type: ignore[no-untyped-def]
+    """Nominal fire instants strictly after ``after_ms``, in increasing order, forever."""
     tz = zone(tz_name)
     wall = datetime.fromtimestamp(after_ms / 1000, tz).replace(tzinfo=None)
     # Start a little before, because in a repeated hour the wall clock of `after` may be
-    # the second occurrence; candidates at or before `after` are skipped below.
+    # the second occurrence; candidates at or before the last one yielded are skipped.
     it = croniter(expr, wall - timedelta(hours=3))
-    for _ in range(100_000):
-        cand = it.get_next(datetime)
-        instant = wall_to_instant_ms(cand, tz)
-        if instant > after_ms:
-            return instant
+    last = after_ms
+    misses = 0
+    while misses < 100_000:
+        instant = wall_to_instant_ms(it.get_next(datetime), tz)
+        if instant > last:
+            misses = 0
+            last = instant
+            yield instant
+        else:
+            misses += 1
     raise ValidationError(f"cron expression {expr!r} never fires")
+
+
+def next_cron_ms(expr: str, tz_name: str, after_ms: int) -> int:
+    """The first nominal fire instant strictly after ``after_ms``."""
+    return int(next(_instants_after(expr, tz_name, after_ms)))
 
 
 def fires_between(expr: str, tz_name: str, after_ms: int, until_ms: int, limit: int = 10_000) -> list[int]:
     """Nominal instants in (after_ms, until_ms], oldest first, at most ``limit``."""
     out: list[int] = []
-    t = after_ms
-    while len(out) < limit:
-        t = next_cron_ms(expr, tz_name, t)
-        if t > until_ms:
+    if until_ms <= after_ms:
+        return out
+    for t in _instants_after(expr, tz_name, after_ms):
+        if t > until_ms or len(out) >= limit:
             break
         out.append(t)
     return out
