@@ -186,11 +186,16 @@ class SchedulerService:
         consumer = make_consumer(s, s.group_id("scheduler"), **{
             "partition.assignment.strategy": "range",
             "max.poll.interval.ms": 300000,
-            "session.timeout.ms": 6000,
+            # A dead instance is noticed within 3 s (the broker's group.min.session.timeout.ms
+            # must allow it; the classic default minimum is 6 s).
+            "session.timeout.ms": 3000,
             "heartbeat.interval.ms": 500,
             **self._consumer_overrides,
         })
-        producer = make_producer(s, transactional_id=f"{s.group_id('scheduler')}-{self.instance_id}", **{"linger.ms": 1})
+        # A dead instance's open transaction holds back read_committed readers (and so the
+        # survivor's restore) until it times out: keep that short.
+        producer = make_producer(s, transactional_id=f"{s.group_id('scheduler')}-{self.instance_id}",
+                                 **{"linger.ms": 1, "transaction.timeout.ms": 3000})
         self._consumer = consumer
         dlq = DeadLetters(producer, s, "scheduler")
         try:
@@ -253,8 +258,10 @@ class SchedulerService:
                     dlq.send(msg, e)
                     dead += 1
                     self._log.warning("command_rejected", topic=msg.topic(), offset=msg.offset(), error=str(e))
+            # A full batch means more input is waiting: judge no lease until it is read.
+            caught_up = len(msgs) < self.batch_size
             for ps in self.states.values():
-                outs.extend(ps.fire_due(now))
+                outs.extend(ps.fire_due(now, check_leases=caught_up))
             self._ensure_ready_topics(outs)
             encode = self.codec.encode
             dispatched = 0

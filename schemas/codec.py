@@ -155,7 +155,8 @@ class Codec:
         buf = io.BytesIO(data)
         buf.seek(HEADER_LEN)
         try:
-            record = fastavro.schemaless_reader(buf, writer, reader)
+            # Same schema on both sides (the usual case): no resolution step needed.
+            record = fastavro.schemaless_reader(buf, writer, None if reader is writer else reader)
         except Exception as e:  # fastavro raises many types on corrupt bodies
             raise DecodeError(f"corrupt {name} body: {type(e).__name__}: {e}") from e
         if buf.tell() != len(data):

@@ -392,6 +392,29 @@ def test_lease_expiry_without_retries_fails_the_job() -> None:
     assert last_job_event(out).reason is not None and last_job_event(out).reason.startswith("lost")
 
 
+def test_a_scheduler_behind_on_its_input_declares_no_lease_lost() -> None:
+    # Under load the result that keeps a lease may be waiting unread in the backlog: a
+    # lagging scheduler must not call the attempt lost; reading the backlog settles it.
+    sim = Sim()
+    sim.submit(lease="10s")
+    sim.started(RUN0)
+    sim.now = T0 + 15 * S
+    assert sim._step(sim.ps.fire_due(sim.now, check_leases=False)) == []
+    out = sim.finished(RUN0, outcome="succeeded", exit_code=0)
+    assert run_status(out) == [("succeeded", 1)]
+    assert last_job_event(out).status == "completed"
+
+
+def test_a_lagging_scheduler_still_judges_the_lease_once_caught_up() -> None:
+    sim = Sim()
+    sim.submit(lease="10s")
+    sim.started(RUN0)
+    sim.now = T0 + 15 * S
+    assert sim._step(sim.ps.fire_due(sim.now, check_leases=False)) == []
+    out = sim.at(sim.now + S)  # caught up, and still no word from the worker
+    assert run_status(out) == [("lost", 1)]
+
+
 def test_heartbeats_extend_the_lease() -> None:
     sim = Sim()
     sim.submit(lease="30s")
