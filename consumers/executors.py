@@ -281,6 +281,15 @@ class ShellExecutor(Executor):
             return Outcome(outcome="succeeded", exit_code=0)
         return Outcome(outcome="failed", exit_code=exit_code, reason=why)
 
+    def _pump(self, sel: selectors.BaseSelector, ctx: RunContext, timeout: float) -> None:
+        """Move whatever the pipes hold into the attempt's log; forget pipes at EOF."""
+        for key, _ in sel.select(timeout=timeout):
+            data = os.read(key.fd, self._read_size)
+            if data:
+                ctx.log.write(key.data, data)
+            else:
+                sel.unregister(key.fileobj)
+
     def _supervise(self, proc: subprocess.Popen[bytes], pgid: int, ctx: RunContext) -> tuple[Ending | None, int]:
         """Pump the pipes until the job is over; kill the group when it must end."""
         sel = selectors.DefaultSelector()
@@ -296,12 +305,7 @@ class ShellExecutor(Executor):
         try:
             while True:
                 if sel.get_map():
-                    for key, _ in sel.select(timeout=0.1):
-                        data = os.read(key.fd, self._read_size)
-                        if data:
-                            ctx.log.write(key.data, data)
-                        else:
-                            sel.unregister(key.fileobj)
+                    self._pump(sel, ctx, 0.1)
                 else:
                     time.sleep(0.05)
                 ctx.tick()
@@ -336,12 +340,7 @@ class ShellExecutor(Executor):
             # a process outside the group still holds them; then give up quickly).
             drain_until = clock() + 0.5
             while sel.get_map() and clock() < drain_until:
-                for key, _ in sel.select(timeout=0.05):
-                    data = os.read(key.fd, self._read_size)
-                    if data:
-                        ctx.log.write(key.data, data)
-                    else:
-                        sel.unregister(key.fileobj)
+                self._pump(sel, ctx, 0.05)
         finally:
             sel.close()
         return ending, leftovers
