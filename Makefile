@@ -27,6 +27,7 @@ test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit
 
 bench: stack
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench
 
 down:
