@@ -762,7 +762,9 @@ class Worker:
         self._metrics.started.labels(queue_name, kind).inc()
         self._produce(self.settings.reports_topic, ready.job_id,
                       RunStarted(**self._ids(ready), worker_id=self.worker_id, occurred_at_ms=started_ms))
-        log.info("run started", executor=kind, timeout_ms=ready.timeout_ms)
+        # Per-run lines are DEBUG: at thousands of jobs per second they cost more CPU than
+        # the jobs; outcomes are in jobs.events, counts in the metrics, failures below.
+        log.debug("run started", executor=kind, timeout_ms=ready.timeout_ms)
         run.last_heartbeat = time.monotonic()
         try:
             outcome = self._executors[kind].execute(ready.executor, run.ctx)
@@ -791,8 +793,9 @@ class Worker:
         self._report_finished(rec, finished)
         self._metrics.finished.labels(queue_name, kind, outcome.outcome).inc()
         self._metrics.duration.labels(kind, outcome.outcome).observe(time.monotonic() - t0)
-        log.info("run finished", outcome=outcome.outcome, exit_code=outcome.exit_code, reason=outcome.reason,
-                 log_bytes=run.log.kept_bytes, log_truncated=run.log.truncated)
+        (log.debug if outcome.outcome == "succeeded" else log.info)(
+            "run finished", outcome=outcome.outcome, exit_code=outcome.exit_code, reason=outcome.reason,
+            log_bytes=run.log.kept_bytes, log_truncated=run.log.truncated)
 
     def _job_env(self, ready: RunReady) -> dict[str, str]:
         """What a shell job is told about itself (for idempotent outputs, logs, metrics)."""

@@ -213,13 +213,21 @@ class SchedulerService:
                 self._log.info("scheduler_stopped")
 
     def _poll_timeout(self, now: int) -> float:
-        dues = [d for d in (ps.next_due_ms() for ps in self.states.values()) if d is not None]
-        if not dues:
+        nd = self._next_due()
+        if nd is None:
             return 0.1
-        return max(0.0, min(0.1, (min(dues) - now) / 1000))
+        return max(0.0, min(0.1, (nd - now) / 1000))
+
+    def _next_due(self) -> int | None:
+        dues = [d for d in (ps.next_due_ms() for ps in self.states.values()) if d is not None]
+        return min(dues) if dues else None
 
     def _step(self, consumer: Consumer, producer: Any, dlq: DeadLetters) -> None:
-        msgs = consumer.consume(self.batch_size, self._poll_timeout(now_ms()))
+        # A timer due soon caps the batch: applying 2,000 records takes a few hundred
+        # milliseconds, which would all be lateness for that timer.
+        nd = self._next_due()
+        wanted = self.batch_size if nd is None or nd - now_ms() > 100 else min(self.batch_size, 100)
+        msgs = consumer.consume(wanted, self._poll_timeout(now_ms()))
         now = now_ms()
         records = []
         for msg in msgs:
@@ -234,10 +242,15 @@ class SchedulerService:
         if not records and not due:
             return
         t0 = time.monotonic()
+        # A full batch means more input is waiting: judge no lease until it is read.
+        caught_up = len(msgs) < wanted
         producer.begin_transaction()
         try:
             outs: list[Output] = []
             dead = 0
+            # Timers first, so that input processing never delays a firing that is due.
+            for ps in self.states.values():
+                outs.extend(ps.fire_due(now, check_leases=caught_up))
             for msg in records:
                 ps = self.states.get(msg.partition())
                 if ps is None:
@@ -258,10 +271,9 @@ class SchedulerService:
                     dlq.send(msg, e)
                     dead += 1
                     self._log.warning("command_rejected", topic=msg.topic(), offset=msg.offset(), error=str(e))
-            # A full batch means more input is waiting: judge no lease until it is read.
-            caught_up = len(msgs) < self.batch_size
+            later = now_ms()  # and whatever fell due while the batch was applied
             for ps in self.states.values():
-                outs.extend(ps.fire_due(now, check_leases=caught_up))
+                outs.extend(ps.fire_due(later, check_leases=caught_up))
             self._ensure_ready_topics(outs)
             encode = self.codec.encode
             dispatched = 0
