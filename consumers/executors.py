@@ -92,6 +92,8 @@ class RunContext:
         #: Called on every tick of the executor's wait loop (the worker sends heartbeats).
         self.on_tick = on_tick
         self._stop = threading.Event()
+        #: Set to cut a wait short: by a stop request, or by a helper thread that finished.
+        self._wake = threading.Event()
         self._stop_reason: StopReason | None = None
         self._stop_message: str | None = None
         self._lock = threading.Lock()
@@ -105,7 +107,12 @@ class RunContext:
                 return False
             self._stop_reason, self._stop_message = reason, message
         self._stop.set()
+        self._wake.set()
         return True
+
+    def wake(self) -> None:
+        """End the executor's current wait now (a helper thread has finished)."""
+        self._wake.set()
 
     @property
     def stop_reason(self) -> StopReason | None:
@@ -141,7 +148,8 @@ class RunContext:
         if rem is not None:
             seconds = min(seconds, max(rem, 0.0))
         if seconds > 0:
-            self._stop.wait(seconds)
+            self._wake.wait(seconds)
+        self._wake.clear()
         self.tick()
         return self.ending()
 
@@ -368,11 +376,13 @@ def _opener() -> urllib.request.OpenerDirector:
 class _Background:
     """A call on a daemon thread, so the executor's thread can keep ticking and give up on it."""
 
-    def __init__(self, fn: Callable[[], Any], name: str) -> None:
+    def __init__(self, fn: Callable[[], Any], name: str, on_done: Callable[[], None] | None = None) -> None:
         self.result: Any = None
         self.error: BaseException | None = None
         self.error_tb: str = ""
         self._fn = fn
+        self._on_done = on_done
+        self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -382,12 +392,16 @@ class _Background:
         except BaseException as e:  # noqa: BLE001 - reported as the job's failure
             self.error = e
             self.error_tb = traceback.format_exc()
+        finally:
+            self.done.set()  # before the wake-up, so the waiter sees it when it wakes
+            if self._on_done is not None:
+                self._on_done()
 
     def wait(self, ctx: RunContext) -> Ending | None:
         """Tick until the call returns (None) or the attempt must end (why)."""
-        while self.thread.is_alive():
+        while not self.done.is_set():
             why = ctx.wait(0.05)
-            if why is not None and self.thread.is_alive():
+            if why is not None and not self.done.is_set():
                 return why
         return None
 
@@ -452,7 +466,7 @@ class HttpExecutor(Executor):
                     e.close()
                 return _HttpResult(e.code, str(e.reason or ""), body)
 
-        bg = _Background(call, name="http-call")
+        bg = _Background(call, name="http-call", on_done=ctx.wake)
         why = bg.wait(ctx)
         if why is not None:
             return ctx.ended(why)
@@ -551,7 +565,7 @@ class PythonExecutor(Executor):
             return Outcome(outcome="failed", reason=f"cannot load {p.target!r}: {type(e).__name__}: {e}")
         if not callable(fn):
             return Outcome(outcome="failed", reason=f"{p.target!r} is not callable")
-        bg = _Background(lambda: fn(**kwargs), name="python-call")
+        bg = _Background(lambda: fn(**kwargs), name="python-call", on_done=ctx.wake)
         why = bg.wait(ctx)
         if why is not None:
             ctx.log.note("[the Python call could not be stopped; it keeps running in the worker until it returns]")

@@ -270,3 +270,22 @@ def test_python_timeout_ends_the_attempt() -> None:
     out = PythonExecutor().execute(py("tests.helpers.pyjobs:nap", '{"seconds": 1}'), a.ctx)
     assert out.outcome == "timed_out" and time.monotonic() - t0 < 0.8
     assert "could not be stopped" in a.text("system")
+
+
+def test_wake_ends_an_executor_wait_before_its_tick() -> None:
+    # A helper thread that finishes wakes the executor at once instead of at its next
+    # tick: without it a no-op Python job held its worker slot for a whole tick.
+    ctx = RunContext(log=LogStream(RUN, lambda c: None, cap_bytes=1000))
+    returned = threading.Event()
+
+    def waiter() -> None:
+        ctx.wait(600.0)
+        returned.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    assert not returned.wait(0.2)  # it really is waiting
+    ctx.wake()
+    assert returned.wait(30)  # woke long before its 600 s
+    t.join()
+    assert ctx.ending() is None  # a wake is not a stop
