@@ -126,11 +126,15 @@ def ensure_topics(settings: Settings, specs: Iterable[TopicSpec] | None = None, 
         except KafkaException as e:
             if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise BrokerUnavailable(f"could not create topic {name}: {e.args[0].str()}") from e
-    # Metadata propagates asynchronously; wait until every topic is visible.
+    # Metadata propagates asynchronously: wait until every new partition has a leader, or
+    # the first client to touch it (a restore, a consumer) meets NOT_LEADER errors.
     deadline = time.monotonic() + timeout
     names = {s.name for s in wanted}
     while time.monotonic() < deadline:
-        if names <= set(admin.list_topics(timeout=timeout).topics):
+        topics = admin.list_topics(timeout=timeout).topics
+        if all(n in topics and topics[n].partitions and topics[n].error is None
+               and all(pm.leader >= 0 and pm.error is None for pm in topics[n].partitions.values())
+               for n in names):
             break
         time.sleep(0.1)
     return created

@@ -98,7 +98,7 @@ class SchedulerService:
             ends: dict[int, int] = {}
             assign = []
             for p in partitions:
-                lo, hi = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                lo, hi = self._watermarks(reader, TopicPartition(topic, p))
                 if hi > lo:
                     ends[p] = hi
                     assign.append(TopicPartition(topic, p, OFFSET_BEGINNING))
@@ -134,6 +134,22 @@ class SchedulerService:
         RESTORE.observe(took)
         self._log.info("partitions_restored", partitions=sorted(partitions), seconds=round(took, 3),
                        jobs=sum(len(self.states[p].jobs) for p in partitions))
+
+    def _watermarks(self, reader: Consumer, tp: TopicPartition, timeout: float = 60.0) -> tuple[int, int]:
+        """(low, high) of a changelog partition, waiting out leader elections."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                lo, hi = reader.get_watermark_offsets(tp, timeout=10)
+                return int(lo), int(hi)
+            except KafkaException as e:
+                err = e.args[0]
+                if time.monotonic() >= deadline or not (err.retriable() or err.code() in (
+                        KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                        KafkaError._TIMED_OUT, KafkaError.UNKNOWN_TOPIC_OR_PART)):
+                    raise BrokerUnavailable(f"changelog {tp.topic}[{tp.partition}] unreadable: {err.str()}") from e
+                self._log.warning("changelog_not_ready", partition=tp.partition, error=err.str())
+                time.sleep(0.2)
 
     def _on_assign(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
         new = sorted({tp.partition for tp in tps} - set(self.states))
