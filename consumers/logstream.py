@@ -80,12 +80,14 @@ class LogStream:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        worker_id: str | None = None,
     ) -> None:
         if cap_bytes < 0:
             raise ValueError(f"cap_bytes must be >= 0, got {cap_bytes}")
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         self._run = run
+        self._worker_id = worker_id
         self._sink = sink
         self._cap = cap_bytes
         self._chunk = chunk_bytes
@@ -219,6 +221,7 @@ class LogStream:
             stream=stream,
             data=text,
             eof=eof,
+            worker_id=self._worker_id,
         )
         self._seq += 1
         self._sink(chunk)

@@ -731,7 +731,7 @@ class Worker:
             self._produce(logs_topic, key, chunk, deliveries.callback())
 
         stream = LogStream(ready, sink, cap_bytes=self.log_cap_bytes, chunk_bytes=self._chunk_bytes,
-                           flush_interval=self._flush_interval)
+                           flush_interval=self._flush_interval, worker_id=self.worker_id)
         timeout = ready.timeout_ms / 1000.0 if ready.timeout_ms and ready.timeout_ms > 0 else None
         # Beat at least three times per lease, so one late heartbeat never looks like a dead worker.
         interval = self.heartbeat_interval

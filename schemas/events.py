@@ -267,6 +267,7 @@ class LogChunk(RunEvent):
     stream: str
     data: str
     eof: bool = False
+    worker_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -59,9 +59,16 @@ class LogChunkRefused(JobschedError, ValueError):
     """A well-formed record that is not a log chunk this projection can store."""
 
 
-def chunk_id(run_id: str, attempt: int, seq: int) -> str:
-    """The document id of a chunk: one per (run, attempt, seq), whatever the delivery count."""
-    return f"{run_id}|{attempt}|{seq}"
+def chunk_id(run_id: str, attempt: int, seq: int, worker_id: str | None = None) -> str:
+    """The document id of a chunk: one per (run, attempt, worker, seq), whatever the delivery count.
+
+    The worker is part of it because a run redelivered to another worker (its first
+    worker died) writes a sequence of its own from 0; without it the two would collide.
+    Chunks written before workers named themselves keep the shorter id.
+    """
+    if worker_id is None:
+        return f"{run_id}|{attempt}|{seq}"
+    return f"{run_id}|{attempt}|{worker_id}|{seq}"
 
 
 def ms_to_datetime(ms: int) -> datetime:
@@ -77,7 +84,7 @@ def chunk_doc(chunk: LogChunk) -> dict[str, Any]:
     except (OverflowError, OSError, ValueError) as e:
         raise LogChunkRefused(f"run {chunk.run_id}: occurred_at_ms {chunk.occurred_at_ms} is no time") from e
     return {
-        "_id": chunk_id(chunk.run_id, chunk.attempt, chunk.seq),
+        "_id": chunk_id(chunk.run_id, chunk.attempt, chunk.seq, chunk.worker_id),
         "job_id": chunk.job_id,
         "run_id": chunk.run_id,
         "attempt": chunk.attempt,
@@ -85,6 +92,7 @@ def chunk_doc(chunk: LogChunk) -> dict[str, Any]:
         "stream": chunk.stream,
         "data": chunk.data,
         "eof": chunk.eof,
+        "worker_id": chunk.worker_id,
         "at": at,
         "tenant_id": chunk.tenant_id,
         "user_id": chunk.user_id,

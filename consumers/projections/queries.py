@@ -271,8 +271,21 @@ def run_sort_key(run_id: str) -> tuple[int, str]:
         return 0, run_id
 
 
-def _chunk_key(d: dict[str, Any]) -> tuple[tuple[int, str], int, int]:
-    return run_sort_key(d["run_id"]), d["attempt"], d["seq"]
+def order_chunks(docs: list[dict[str, Any]]) -> None:
+    """Sort chunks in place: runs by nominal time, then attempts, then sequence.
+
+    An attempt redelivered to another worker (the first died) holds two sequences, one per
+    worker: each worker's output stays whole, in the order the workers wrote first.
+    """
+    first: dict[tuple[str, int, str], float] = {}
+    for d in docs:
+        at = d.get("at")
+        t = at.timestamp() if isinstance(at, datetime) else 0.0
+        k = (d["run_id"], d["attempt"], d.get("worker_id") or "")
+        first[k] = min(first.get(k, t), t)
+    docs.sort(key=lambda d: (run_sort_key(d["run_id"]), d["attempt"],
+                             first[(d["run_id"], d["attempt"], d.get("worker_id") or "")],
+                             d.get("worker_id") or "", d["seq"]))
 
 
 def _chunk_dict(d: dict[str, Any]) -> dict[str, Any]:
@@ -285,6 +298,7 @@ def _chunk_dict(d: dict[str, Any]) -> dict[str, Any]:
         "stream": d["stream"],
         "data": d["data"],
         "eof": d["eof"],
+        "worker_id": d.get("worker_id"),
         "at": iso(at) if isinstance(at, datetime) else None,
     }
 
@@ -350,7 +364,7 @@ class LogQueries:
     def get_logs(self, job_id: str, run_id: str | None = None, attempt: int | None = None) -> list[dict[str, Any]]:
         """A job's chunks (optionally of one run / attempt) in run, attempt, seq order."""
         docs = self._find(self._filter(job_id, run_id, attempt))
-        docs.sort(key=_chunk_key)
+        order_chunks(docs)
         return [_chunk_dict(d) for d in docs]
 
     def purge_logs(self, older_than_ms: int) -> int:
@@ -389,7 +403,7 @@ class LogQueries:
             fresh = [h["_id"] for h in heads if h["_id"] not in seen]
             if fresh:
                 docs = self._find({"_id": {"$in": fresh}})
-                docs.sort(key=_chunk_key)
+                order_chunks(docs)
                 for d in docs:
                     seen.add(d["_id"])
                     yield _chunk_dict(d)

@@ -463,6 +463,28 @@ def test_log_chunks_in_order_without_duplicates(producer: Any, settings: Setting
     assert len(logs.get_logs(job_id)) == 6
 
 
+def test_an_attempt_redelivered_to_another_worker_keeps_both_outputs(
+        producer: Any, settings: Settings, logs: LogQueries) -> None:
+    # The first worker died mid-run; Kafka redelivered the run to a second worker, which
+    # starts its own sequence at 0. Neither may overwrite or drop the other's lines.
+    job_id = new_job_id("redelivered")
+    produce(producer, settings.logs_topic, [
+        chunk(job_id, T0, 1, 0, "first worker 1\n", worker_id="w1", occurred_at_ms=T0 + 1000),
+        chunk(job_id, T0, 1, 1, "first worker 2\n", worker_id="w1", occurred_at_ms=T0 + 1100),
+    ])
+    produce(producer, settings.logs_topic, [
+        chunk(job_id, T0, 1, 0, "second worker 1\n", worker_id="w2", occurred_at_ms=T0 + 9000),
+        chunk(job_id, T0, 1, 1, "second worker 2\n", worker_id="w2", occurred_at_ms=T0 + 9100),
+        chunk(job_id, T0, 1, 2, "", eof=True, stream="system", worker_id="w2", occurred_at_ms=T0 + 9200),
+    ])
+    wait_for(lambda: len(logs.get_logs(job_id)) == 5, what="both workers' chunks")
+    got = logs.get_logs(job_id)
+    assert [(c["worker_id"], c["seq"], c["data"]) for c in got] == [
+        ("w1", 0, "first worker 1\n"), ("w1", 1, "first worker 2\n"),
+        ("w2", 0, "second worker 1\n"), ("w2", 1, "second worker 2\n"), ("w2", 2, ""),
+    ]
+
+
 def test_follow_yields_new_lines_and_stops_at_eof(producer: Any, settings: Settings, logs: LogQueries) -> None:
     job_id = new_job_id("follow")
     n = T0

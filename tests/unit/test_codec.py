@@ -488,3 +488,24 @@ def test_history_entries_for_records_no_longer_in_the_contract_are_ignored(tmp_p
     codec = Codec(history_dirs=[hist])
     ev = EXAMPLES[RunHeartbeat][0]()
     assert codec.decode(codec.encode(ev)) == ev
+
+
+def test_log_chunks_written_before_worker_id_existed_still_read() -> None:
+    # schemas/history holds LogChunk v1 (no worker_id): records of older workers decode
+    # into today's class with the default.
+    import io
+    import json
+
+    import fastavro
+
+    from schemas.codec import HISTORY_DIR, MAGIC, fingerprint
+
+    v1 = json.loads((HISTORY_DIR / "io.jobsched.LogChunk.v1.avsc").read_text())
+    assert "worker_id" not in {f["name"] for f in v1["fields"]}
+    buf = io.BytesIO()
+    buf.write(MAGIC + fingerprint(v1))
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(v1), {
+        "event_id": "e1", "occurred_at_ms": 1, "user_id": "u", "tenant_id": "t", "job_id": "j",
+        "run_id": "j@1", "attempt": 1, "seq": 0, "stream": "stdout", "data": "old\n", "eof": False})
+    old = Codec().decode(buf.getvalue())
+    assert isinstance(old, LogChunk) and old.data == "old\n" and old.worker_id is None

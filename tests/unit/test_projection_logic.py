@@ -225,3 +225,20 @@ def test_redact_url_hides_passwords() -> None:
     assert redact_url("postgresql+psycopg://bob:s3cret@db:5432/x") == "postgresql+psycopg://bob:***@db:5432/x"
     assert redact_url("mongodb://bob:s3cret@h:27017/?tls=true") == "mongodb://bob:***@h:27017/?tls=true"
     assert redact_url("mongodb://127.0.0.1:27017/") == "mongodb://127.0.0.1:27017/"
+
+
+def test_a_redelivered_attempt_keeps_each_workers_sequence_whole() -> None:
+    from consumers.projections.queries import order_chunks
+
+    def doc(worker: str | None, seq: int, t: int, data: str) -> dict[str, Any]:
+        c = LogChunk(user_id="u", job_id="j", run_id="j@5", attempt=1, seq=seq, stream="stdout", data=data,
+                     occurred_at_ms=T0 + t, worker_id=worker)
+        return chunk_doc(c)
+
+    dead = [doc("w1", 0, 0, "w1 a\n"), doc("w1", 1, 10, "w1 b\n")]
+    second = [doc("w2", 0, 5000, "w2 a\n"), doc("w2", 1, 5010, "w2 b\n"), doc("w2", 2, 5020, "w2 c\n")]
+    assert dead[0]["_id"] == chunk_id("j@5", 1, 0, "w1") == "j@5|1|w1|0" != second[0]["_id"]
+    assert dead[0]["worker_id"] == "w1"
+    docs = [second[2], dead[1], second[0], dead[0], second[1]]
+    order_chunks(docs)
+    assert [d["data"] for d in docs] == ["w1 a\n", "w1 b\n", "w2 a\n", "w2 b\n", "w2 c\n"]
