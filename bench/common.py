@@ -9,6 +9,8 @@ engineer's tests, and everything it created is removed afterwards (``--keep`` ke
 
 from __future__ import annotations
 
+import random
+
 import json
 import os
 import platform
@@ -824,3 +826,22 @@ def free_port() -> int:
 
 def which(prog: str) -> str | None:
     return shutil.which(prog)
+
+
+def plan_dues(now: int, lead_s: float, window_s: float, n: int,
+              crons: int) -> tuple[int, int | None, list[int]]:
+    """The timers workload, the same for every system measured: ``n`` one-off due times
+    spread at random (fixed seed) over ``window_s`` seconds starting ``lead_s`` from now;
+    with crons, the window is centred on a minute boundary so the cron firings land in
+    the middle of the one-off load.  Returns (window start, minute boundary or None, dues).
+    """
+    w_ms = int(window_s * 1000)
+    if crons:
+        earliest = now + int(lead_s * 1000) + w_ms // 2
+        boundary: int | None = -(-earliest // 60_000) * 60_000
+        t0 = boundary - w_ms // 2  # type: ignore[operator]
+    else:
+        boundary, t0 = None, now + int(lead_s * 1000)
+    rng = random.Random(5)
+    return t0, boundary, sorted(t0 + rng.randrange(w_ms) for _ in range(n))
+

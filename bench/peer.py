@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    plan_dues,
     REPO,
     CpuLedger,
     CpuWatch,
@@ -230,16 +230,8 @@ def timers(opts: RunOptions, redis: RedisServer, n: int, window_s: float, crons:
     worker = start_worker(opts, redis.url, "tim")
     beat: CeleryProc | None = None
     try:
-        now = now_ms()
         w_ms = int(window_s * 1000)
-        if crons:
-            earliest = now + int(lead_s * 1000) + w_ms // 2
-            boundary = -(-earliest // 60_000) * 60_000
-            t0 = boundary - w_ms // 2
-        else:
-            boundary, t0 = None, now + int(lead_s * 1000)
-        rng = random.Random(5)
-        dues = sorted(t0 + rng.randrange(w_ms) for _ in range(n))
+        t0, boundary, dues = plan_dues(now_ms(), lead_s, window_s, n, crons)
         prog = Progress("celery timers: submit", n)
         ts = time.monotonic()
         for i, due in enumerate(dues):

@@ -19,12 +19,12 @@ projector too), so the scheduler also absorbs the workers' reports while it fire
 
 from __future__ import annotations
 
-import random
 import time
 from collections import Counter
 from typing import Any
 
 from bench.common import (
+    plan_dues,
     NOOP_TARGET,
     BenchEnv,
     CpuWatch,
@@ -80,18 +80,8 @@ def run(opts: RunOptions, machine: dict[str, Any]) -> dict[str, Any]:
         led = ledger_for(env, procs)
         tail = ReadyTail(env.settings)
         tail.start()
-        now = now_ms()
         w_ms = int(window_s * 1000)
-        if crons:
-            # Put a minute boundary in the middle of the window.
-            earliest = now + int(lead_s * 1000) + w_ms // 2
-            boundary = -(-earliest // 60_000) * 60_000
-            t0 = boundary - w_ms // 2
-        else:
-            boundary = None
-            t0 = now + int(lead_s * 1000)
-        rng = random.Random(5)
-        dues = sorted(t0 + rng.randrange(w_ms) for _ in range(n))
+        t0, boundary, dues = plan_dues(now_ms(), lead_s, window_s, n, crons)
         user = f"{env.prefix}-u"
         client = JobClient(env.settings, user_id=user)
         led.start()
