@@ -228,12 +228,6 @@ class SchedulerService:
                 producer.flush(10)
                 self._log.info("scheduler_stopped")
 
-    def _poll_timeout(self, now: int) -> float:
-        nd = self._next_due()
-        if nd is None:
-            return 0.1
-        return max(0.0, min(0.1, (nd - now) / 1000))
-
     def _next_due(self) -> int | None:
         dues = [d for d in (ps.next_due_ms() for ps in self.states.values()) if d is not None]
         return min(dues) if dues else None
@@ -241,9 +235,11 @@ class SchedulerService:
     def _step(self, consumer: Consumer, producer: Any, dlq: DeadLetters) -> None:
         # A timer due soon caps the batch: applying 2,000 records takes a few hundred
         # milliseconds, which would all be lateness for that timer.
-        nd = self._next_due()
-        wanted = self.batch_size if nd is None or nd - now_ms() > 100 else min(self.batch_size, 100)
-        msgs = consumer.consume(wanted, self._poll_timeout(now_ms()))
+        nd, now = self._next_due(), now_ms()
+        wanted = self.batch_size if nd is None or nd - now > 100 else min(self.batch_size, 100)
+        # Never sleep past the next due time; otherwise wake every 100 ms.
+        timeout = 0.1 if nd is None else max(0.0, min(0.1, (nd - now) / 1000))
+        msgs = consumer.consume(wanted, timeout)
         now = now_ms()
         records = []
         for msg in msgs:
@@ -254,8 +250,8 @@ class SchedulerService:
                 self._log.warning("consumer_error", error=err.str())
                 continue
             records.append(msg)
-        due = any((d := ps.next_due_ms()) is not None and d <= now for ps in self.states.values())
-        if not records and not due:
+        nd = self._next_due()
+        if not records and (nd is None or nd > now):
             return
         t0 = time.monotonic()
         # A full batch means more input is waiting: judge no lease until it is read.

@@ -65,8 +65,6 @@ class SchedulerConfig:
     misfire_grace_ms: int = 60_000
     #: Added to a run's timeout before the scheduler declares a silent attempt lost.
     timeout_grace_ms: int = 30_000
-    #: A queued run that has not started after this long is not touched: queues may be long.
-    scheduler_user: str = "scheduler"
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterable
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer
 
 from infra.config import Settings
 from infra.kafka import ensure_topics, make_producer
@@ -146,6 +146,3 @@ def final_status(tail: Tail, job_id: str) -> str | None:
     s = statuses(tail, job_id)
     return s[-1] if s else None
 
-
-def assign_all(consumer: Consumer, topic: str, partitions: int) -> None:
-    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
