@@ -633,9 +633,11 @@ def count_topic_records(settings: Any, topics: Iterable[str], progress: Progress
 
 class ReadyTail(threading.Thread):
     """Reads ``RunReady`` records of the ready topics (read_committed) in the background:
-    (run_id, attempt, partition, occurred_at_ms, nominal_ms, received_ms) each."""
+    (run_id, attempt, partition, occurred_at_ms, nominal_ms, received_ms) each.  With
+    ``starts=True`` it also reads the reports topic: ``starts`` holds (run_id, attempt,
+    RunStarted.occurred_at_ms) of every start a worker reported."""
 
-    def __init__(self, settings: Any, queues: Sequence[str] = ("default",)) -> None:
+    def __init__(self, settings: Any, queues: Sequence[str] = ("default",), *, starts: bool = False) -> None:
         super().__init__(name="ready-tail", daemon=True)
         from confluent_kafka import Consumer
 
@@ -644,6 +646,7 @@ class ReadyTail(threading.Thread):
         self.settings = settings
         self.codec = default_codec()
         self.rows: list[tuple[str, int, int, int, int, int]] = []
+        self.starts: list[tuple[str, int, int]] = []
         self.errors = 0
         self._halt = threading.Event()
         self.started = threading.Event()
@@ -652,10 +655,12 @@ class ReadyTail(threading.Thread):
                             "isolation.level": "read_committed", "auto.offset.reset": "earliest",
                             "fetch.wait.max.ms": 5, "fetch.min.bytes": 1})
         topics = [settings.ready_topic(q, p) for q in queues for p in ("high", "normal", "low")]
+        if starts:
+            topics.append(settings.reports_topic)
         self._c.subscribe(topics, on_assign=lambda c, tps: self.started.set())
 
     def run(self) -> None:
-        from schemas.events import RunReady
+        from schemas.events import RunReady, RunStarted
 
         try:
             while not self._halt.is_set():
@@ -671,6 +676,8 @@ class ReadyTail(threading.Thread):
                     if isinstance(ev, RunReady):
                         self.rows.append((ev.run_id, ev.attempt, m.partition(), ev.occurred_at_ms, ev.nominal_ms,
                                           recv))
+                    elif isinstance(ev, RunStarted):
+                        self.starts.append((ev.run_id, ev.attempt, ev.occurred_at_ms))
         finally:
             self._c.close()
 

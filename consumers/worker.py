@@ -24,12 +24,21 @@ Consumer group
     is ``cooperative-sticky``: a rebalance only takes the partitions that move, so
     jobs running on the others are still committed.
 
+Runs dispatched ahead
+    The scheduler sends timed runs up to its dispatch lookahead (500 ms by default)
+    before they are due, with ``not_before_ms`` set.  Such a record is held (not counted
+    against ``prefetch``) and started on that instant: the consuming thread's poll
+    timeout shrinks to the next held due time.  So a run starts on time however long
+    the scheduler's transaction or the fetch took, as long as they took less than the
+    lookahead.  The worker's clock decides; keep hosts NTP-synchronised.
+
 Offsets (at-least-once)
     A record's offset counts as finished once the ``RunFinished`` for it has been
     acknowledged by Kafka (or it went to the dead-letter topic).  Per partition the
-    worker commits, synchronously, the lowest offset not yet finished — never past a
-    record that is buffered or running.  Offsets of partitions this worker no longer
-    owns are never committed.  A worker killed with SIGKILL therefore gets its running
+    worker commits the lowest offset not yet finished — never past a record that is
+    buffered, held or running: asynchronously, at most every 0.2 s, while it runs (a
+    failed commit is retried), and synchronously when partitions are revoked and at
+    shutdown.  Offsets of partitions this worker no longer owns are never committed.  A worker killed with SIGKILL therefore gets its running
     and buffered records redelivered to another member; the scheduler fences results
     of superseded attempts.
 
@@ -113,6 +122,7 @@ __all__ = [
     "DEFAULT_ALLOW",
     "OffsetTracker",
     "ReadyBuffer",
+    "HeldRuns",
     "paused_priorities",
     "worker_group_id",
     "new_worker_id",
@@ -129,6 +139,8 @@ _CANCELLED_MEMORY = 10_000
 #: Consumer settings the worker relies on and will not let an override change.
 _FIXED_CONSUMER_KEYS = frozenset({"group.id", "enable.auto.commit", "enable.auto.offset.store", "isolation.level"})
 _POLL_TIMEOUT = 0.1
+#: Routine (asynchronous) offset commits at most this often, in seconds.
+_COMMIT_INTERVAL = 0.2
 
 TP = tuple[str, int]
 
@@ -204,6 +216,12 @@ class OffsetTracker:
         if st is not None and (st.committed is None or offset > st.committed):
             st.committed = offset
 
+    def commit_failed(self, tp: TP) -> None:
+        """A commit did not happen: offer the partition's offset again."""
+        st = self._parts.get(tp)
+        if st is not None:
+            st.committed = None
+
     def forget(self, tps: Iterable[TP]) -> None:
         for tp in tps:
             self._parts.pop(tp, None)
@@ -268,6 +286,46 @@ class ReadyBuffer:
         self._counts = {p: 0 for p in PRIORITIES}
 
 
+class HeldRuns:
+    """Records dispatched ahead of their due time (``RunReady.not_before_ms``), held until then.
+
+    They are tracked by the offset tracker like buffered records (nothing past them is
+    committed), but do not count against ``prefetch``: the scheduler sends them at most
+    its dispatch lookahead early, so how many there are is bounded by the due rate.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, Record]] = []
+        self._seq = itertools.count()
+
+    def push(self, due_ms: int, rec: Record) -> None:
+        heapq.heappush(self._heap, (due_ms, next(self._seq), rec))
+
+    def next_due_ms(self) -> int | None:
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now: int) -> list[Record]:
+        """The records due at or before ``now``, earliest first."""
+        out: list[Record] = []
+        while self._heap and self._heap[0][0] <= now:
+            out.append(heapq.heappop(self._heap)[2])
+        return out
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def drop(self, tps: Iterable[TP]) -> list[Record]:
+        gone = set(tps)
+        kept = [item for item in self._heap if item[2].tp not in gone]
+        dropped = [item[2] for item in self._heap if item[2].tp in gone]
+        heapq.heapify(kept)
+        self._heap = kept
+        return dropped
+
+    def clear(self) -> None:
+        self._heap.clear()
+
+
 def paused_priorities(counts: Mapping[str, int], prefetch: int) -> frozenset[str]:
     """The priorities whose partitions stop fetching, given what the buffer holds.
 
@@ -308,6 +366,10 @@ class WorkerMetrics:
                                   ["executor", "outcome"],
                                   buckets=(0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
                                   registry=registry)
+        self.start_lateness = Histogram(
+            "jobsched_worker_start_lateness_seconds",
+            "Start time minus not_before_ms of runs dispatched ahead of their due time.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 30), registry=registry)
         self.dead_letters = Counter("jobsched_worker_dead_letters", "Ready records sent to the dead-letter topic.",
                                     registry=registry)
         self.commits = Counter("jobsched_worker_offset_commits", "Synchronous offset commits.", registry=registry)
@@ -480,6 +542,7 @@ class Worker:
         # Owned by the consuming thread.
         self._tracker = OffsetTracker()
         self._buffer = ReadyBuffer()
+        self._held = HeldRuns()
         self._running: dict[int, _Run] = {}
         self._tokens = itertools.count()
         self._paused: set[TP] = set()
@@ -523,7 +586,8 @@ class Worker:
         # *every* priority topic (a count-balanced assignor could give one worker all the
         # normal partitions), and rebalances are incremental, so running jobs on partitions
         # that stay put are never handed to another worker.
-        conf = {"group.protocol": "consumer", "group.remote.assignor": "range", **self._consumer_overrides}
+        conf = {"group.protocol": "consumer", "group.remote.assignor": "range", "on_commit": self._on_commit,
+                **self._consumer_overrides}
         consumer = self._consumer = make_consumer(self.settings, self.group_id, **conf)
         control = make_consumer(self.settings, f"jobsched-worker-control-{self.worker_id}",
                                 **{"auto.offset.reset": "latest"})
@@ -566,18 +630,25 @@ class Worker:
     def _step(self, consumer: Consumer, control: Consumer, pool: ThreadPoolExecutor | None) -> None:
         """One turn of the consuming thread (never blocks for more than ~0.1 s)."""
         accept = pool is not None
-        for msg in consumer.consume(num_messages=self.prefetch, timeout=_POLL_TIMEOUT):
+        timeout = _POLL_TIMEOUT
+        held_due = self._held.next_due_ms()
+        if held_due is not None and accept:
+            # Wake up on the instant the next held run is due.
+            timeout = max(0.0, min(timeout, (held_due - now_ms()) / 1000))
+        for msg in consumer.consume(num_messages=self.prefetch, timeout=timeout):
             self._on_message(msg, accept=accept)
         self._poll_control(control)
         self._reap()
         self._drain_events()
         if pool is not None:
+            for rec in self._held.pop_due(now_ms()):
+                self._buffer.push(rec)
             self._dispatch(pool)
         self._flow_control(consumer)
         self._commit(consumer)
         assert self._producer is not None
         self._producer.poll(0)
-        self._metrics.buffered.labels(self.worker_id).set(len(self._buffer))
+        self._metrics.buffered.labels(self.worker_id).set(len(self._buffer) + len(self._held))
 
     def _shutdown(self, consumer: Consumer, control: Consumer, pool: ThreadPoolExecutor) -> None:
         log = self._log
@@ -586,6 +657,7 @@ class Worker:
         # Buffered records stay tracked as unfinished: nothing past them is committed and
         # the partition's next owner receives them.
         self._buffer.clear()
+        self._held.clear()
         deadline = time.monotonic() + self.grace
         while self._running and time.monotonic() < deadline:
             self._step(consumer, control, None)
@@ -629,8 +701,11 @@ class Worker:
             self._tracker.finish(tp, offset, epoch)
             self._metrics.dead_letters.inc()
             return
-        self._buffer.push(Record(tp=tp, offset=offset, epoch=epoch, priority=self._topic_priority[topic],
-                                 ready=event))
+        rec = Record(tp=tp, offset=offset, epoch=epoch, priority=self._topic_priority[topic], ready=event)
+        if event.not_before_ms is not None and event.not_before_ms > now_ms():
+            self._held.push(event.not_before_ms, rec)  # dispatched ahead: start it on the instant
+        else:
+            self._buffer.push(rec)
 
     def _assign_control(self, control: Consumer, timeout: float = 15.0) -> None:
         """Read the control topic from its current end, without a group.
@@ -760,6 +835,8 @@ class Worker:
         started_ms = now_ms()
         t0 = time.monotonic()
         self._metrics.started.labels(queue_name, kind).inc()
+        if ready.not_before_ms is not None:
+            self._metrics.start_lateness.observe(max(0, started_ms - ready.not_before_ms) / 1000)
         self._produce(self.settings.reports_topic, ready.job_id,
                       RunStarted(**self._ids(ready), worker_id=self.worker_id, occurred_at_ms=started_ms))
         # Per-run lines are DEBUG: at thousands of jobs per second they cost more CPU than
@@ -874,12 +951,30 @@ class Worker:
     # -- offsets and flow control -------------------------------------------------------------
 
     def _commit(self, consumer: Consumer, *, only: set[TP] | None = None, force: bool = False) -> None:
-        if not force and time.monotonic() < self._commit_after:
+        now = time.monotonic()
+        if not force and now < self._commit_after:
             return
         offsets = self._tracker.committable(only)
         if not offsets:
             return
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        if not force:
+            # Routine commits are asynchronous and paced: a synchronous round trip would stall
+            # the consuming thread, and with it the start of held runs, for its duration.
+            # A failure reported to _on_commit makes the next step commit those offsets again.
+            self._commit_after = now + _COMMIT_INTERVAL
+            for tp, offset in offsets.items():
+                self._tracker.committed(tp, offset)
+            try:
+                consumer.commit(offsets=tps, asynchronous=True)
+            except KafkaException as e:
+                self._log.warning("offset commit failed; will retry", error=str(e))
+                for tp in offsets:
+                    self._tracker.commit_failed(tp)
+                self._commit_after = now + 1.0
+                return
+            self._metrics.commits.inc()
+            return
         try:
             result = consumer.commit(offsets=tps, asynchronous=False)
         except KafkaException as e:
@@ -894,6 +989,18 @@ class Worker:
                 self._commit_after = time.monotonic() + 1.0
             else:
                 self._tracker.committed((tp.topic, tp.partition), tp.offset)
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """Result of a commit (called on the consuming thread, inside consume/poll)."""
+        if err is not None and err.code() == KafkaError._NO_OFFSET:
+            return
+        failed = [tp for tp in partitions if err is not None or tp.error is not None]
+        if failed:
+            self._log.warning("offset commit failed; will retry", error=str(err) if err is not None else None,
+                              partitions=[(tp.topic, tp.partition) for tp in failed][:10])
+            for tp in failed:
+                self._tracker.commit_failed((tp.topic, tp.partition))
+            self._commit_after = time.monotonic() + 1.0
 
     def _flow_control(self, consumer: Consumer) -> None:
         if self._stopping:
@@ -926,7 +1033,7 @@ class Worker:
         self._release({(p.topic, p.partition) for p in partitions}, "lost")
 
     def _release(self, tps: set[TP], how: str) -> None:
-        dropped = self._buffer.drop(tps)
+        dropped = self._buffer.drop(tps) + self._held.drop(tps)
         self._tracker.forget(tps)
         self._assigned = self._assigned - tps
         self._paused -= tps

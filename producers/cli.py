@@ -286,15 +286,20 @@ def _service_logging(json_logs: bool) -> None:
 @cli.command()
 @click.option("--instance", help="Stable instance id (default: host-pid-random).")
 @click.option("--metrics-port", type=int, default=0, help="Serve Prometheus metrics on this port.")
+@click.option("--lookahead-ms", type=click.IntRange(0, 60_000), default=None, envvar="JOBSCHED_DISPATCH_LOOKAHEAD_MS",
+              help="Dispatch timed runs this long before they are due; workers start them on time "
+                   "[default: 500; 0 dispatches at the due time].")
 @click.pass_context
-def scheduler(ctx: click.Context, instance: str | None, metrics_port: int) -> None:
+def scheduler(ctx: click.Context, instance: str | None, metrics_port: int, lookahead_ms: int | None) -> None:
     """Run one scheduler instance (run several: the others are standbys)."""
     from infra.metrics import serve
     from scheduler.service import main
+    from scheduler.state import SchedulerConfig
 
     _service_logging(True)
     serve(metrics_port)
-    main(_settings(ctx), instance_id=instance)
+    config = SchedulerConfig(dispatch_lookahead_ms=lookahead_ms) if lookahead_ms is not None else None
+    main(_settings(ctx), instance_id=instance, config=config)
 
 
 @cli.command()

@@ -65,6 +65,17 @@ class SchedulerConfig:
     misfire_grace_ms: int = 60_000
     #: Added to a run's timeout before the scheduler declares a silent attempt lost.
     timeout_grace_ms: int = 30_000
+    #: Runs due (or retries due) within this many ms are dispatched ahead of time with
+    #: ``RunReady.not_before_ms`` set: the worker holds such a run and starts it at that
+    #: instant, so firing precision does not depend on the scheduler's transaction and the
+    #: fetch latency.  0 dispatches at the due time.  A recurring job whose previous run is
+    #: still active and whose overlap policy is not ``allow`` is never dispatched early
+    #: (the policy is judged at the due time).
+    dispatch_lookahead_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dispatch_lookahead_ms < 0:
+            raise ValueError("dispatch_lookahead_ms must be >= 0")
 
 
 @dataclass(slots=True)
@@ -118,7 +129,10 @@ class PartitionState:
         self.jobs: dict[str, Job] = {}
         #: job_id -> (terminal status, finished_at_ms): answers for late dependents.
         self.outcomes: dict[str, tuple[str, int]] = {}
+        #: Timers judged at their due time (leases, outcome expiry, deferred firings).
         self._timers: list[tuple[int, int, int, str, str, int]] = []
+        #: Firings and retries: taken up to ``dispatch_lookahead_ms`` ahead of their due time.
+        self._early: list[tuple[int, int, int, str, str, int]] = []
         self._seq = 0
         #: Job ids whose changelog record must be rewritten in the current transaction.
         self.dirty: set[str] = set()
@@ -127,14 +141,25 @@ class PartitionState:
 
     def _push(self, due_ms: int, kind: int, job_id: str, run_id: str = "", token: int = 0) -> None:
         self._seq += 1
-        heapq.heappush(self._timers, (due_ms, self._seq, kind, job_id, run_id, token))
+        heap = self._early if kind in (FIRE, RETRY) and self.config.dispatch_lookahead_ms else self._timers
+        heapq.heappush(heap, (due_ms, self._seq, kind, job_id, run_id, token))
 
     def next_due_ms(self) -> int | None:
-        return self._timers[0][0] if self._timers else None
+        """The earliest instant at which :meth:`fire_due` has something to do."""
+        a = self._timers[0][0] if self._timers else None
+        b = self._early[0][0] - self.config.dispatch_lookahead_ms if self._early else None
+        if a is None:
+            return b
+        return a if b is None else min(a, b)
 
     @property
     def timer_count(self) -> int:
-        return len(self._timers)
+        return len(self._timers) + len(self._early)
+
+    def _may_fire_early(self, job: Job, kind: int) -> bool:
+        if kind == RETRY or not job.runs:
+            return True
+        return job.spec.schedule.overlap == "allow"
 
     def fire_due(self, now: int, *, check_leases: bool = True) -> list[Output]:
         """Handle every timer due at or before ``now``.
@@ -144,33 +169,49 @@ class PartitionState:
         attempt is declared lost until the input is caught up.
         """
         out: list[Output] = []
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            due, _, kind, job_id, run_id, token = heapq.heappop(timers)
-            if kind == EXPIRE:
-                o = self.outcomes.get(job_id)
-                if o is not None and o[1] + self.config.outcome_retention_ms <= now:
-                    del self.outcomes[job_id]
-                    self.dirty.add(job_id)
-                continue
+        early = self._early
+        horizon = now + self.config.dispatch_lookahead_ms
+        while early and early[0][0] <= horizon:
+            item = heapq.heappop(early)
+            due, _, kind, job_id, _, _ = item
             job = self.jobs.get(job_id)
             if job is None:
                 continue
-            if kind == FIRE:
-                if job.next_fire_ms == due and not job.paused and not job.waiting:
-                    self._on_fire(job, due, now, out)
-            elif kind == RETRY:
-                run = job.runs.get(run_id)
-                if run is not None and run.status == "retry_wait" and run.attempt == token:
-                    self._redispatch(job, run, now, out)
-            elif kind == LEASE:
-                if not check_leases:
-                    self._push(now + 1000, LEASE, job_id, run_id, token)
-                    continue
-                run = job.runs.get(run_id)
-                if run is not None and run.status == "running" and run.execution == token:
-                    self._check_lease(job, run, now, out)
+            if due > now and not self._may_fire_early(job, kind):
+                heapq.heappush(self._timers, item)  # judged at its due time instead
+                continue
+            self._handle_timer(item, now, check_leases, out)
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            self._handle_timer(heapq.heappop(timers), now, check_leases, out)
         return out
+
+    def _handle_timer(self, item: tuple[int, int, int, str, str, int], now: int, check_leases: bool,
+                      out: list[Output]) -> None:
+        due, _, kind, job_id, run_id, token = item
+        if kind == EXPIRE:
+            o = self.outcomes.get(job_id)
+            if o is not None and o[1] + self.config.outcome_retention_ms <= now:
+                del self.outcomes[job_id]
+                self.dirty.add(job_id)
+            return
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        if kind == FIRE:
+            if job.next_fire_ms == due and not job.paused and not job.waiting:
+                self._on_fire(job, due, now, out)
+        elif kind == RETRY:
+            run = job.runs.get(run_id)
+            if run is not None and run.status == "retry_wait" and run.attempt == token:
+                self._redispatch(job, run, now, out)
+        elif kind == LEASE:
+            if not check_leases:
+                self._push(now + 1000, LEASE, job_id, run_id, token)
+                return
+            run = job.runs.get(run_id)
+            if run is not None and run.status == "running" and run.execution == token:
+                self._check_lease(job, run, now, out)
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -303,6 +344,10 @@ class PartitionState:
 
     def _emit_dispatch(self, job: Job, run: Run, now: int, out: list[Output]) -> None:
         spec = job.spec
+        # Dispatched ahead of its time (see SchedulerConfig.dispatch_lookahead_ms): the
+        # worker starts it at this instant.
+        due = run.retry_at_ms if run.status == "retry_wait" else run.nominal_ms
+        not_before = due if due is not None and due > now else None
         run.status = "queued"
         run.worker_id = None
         run.started_at_ms = None
@@ -311,7 +356,7 @@ class PartitionState:
             user_id=spec.user_id, tenant_id=spec.tenant_id, occurred_at_ms=now, job_id=job.job_id,
             run_id=run.run_id, attempt=run.attempt, name=spec.name, nominal_ms=run.nominal_ms,
             queue=spec.queue, priority=spec.priority, executor=spec.executor, timeout_ms=spec.timeout_ms,
-            lease_ms=spec.lease_ms)))
+            lease_ms=spec.lease_ms, not_before_ms=not_before)))
         out.append((EVENTS, self._run_event(job, run, "queued", now)))
         self._set_status(job, "queued", now, out, run_id=run.run_id)
 
@@ -607,6 +652,7 @@ class PartitionState:
             else:
                 self.jobs[jid] = from_snapshot(rec)
         self._timers.clear()
+        self._early.clear()
         for jid, (_, at) in self.outcomes.items():
             self._push(at + self.config.outcome_retention_ms, EXPIRE, jid)
         for job in self.jobs.values():

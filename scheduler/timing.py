@@ -101,9 +101,10 @@ def _instants_after(expr: str, tz_name: str, after_ms: int):  # type: ignore[no-
     """Nominal fire instants strictly after ``after_ms``, in increasing order, forever."""
     tz = zone(tz_name)
     wall = datetime.fromtimestamp(after_ms / 1000, tz).replace(tzinfo=None)
-    # Start a little before, because in a repeated hour the wall clock of `after` may be
-    # the second occurrence; candidates at or before the last one yielded are skipped.
-    it = croniter(expr, wall - timedelta(hours=3))
+    # No wall time before `after`'s own maps to an instant after it (a repeated hour maps
+    # to its first occurrence, a skipped one to the transition), so croniter can start
+    # there; candidates at or before `after` (a repeated hour's second pass) are skipped.
+    it = croniter(expr, wall - timedelta(seconds=1))
     last = after_ms
     misses = 0
     while misses < 100_000:

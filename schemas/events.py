@@ -226,6 +226,8 @@ class RunReady(RunEvent):
     executor: ExecutorSpec
     timeout_ms: int | None = None
     lease_ms: int = 30_000
+    #: Set when the scheduler dispatched the run ahead of its due time: start it then.
+    not_before_ms: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -75,6 +75,7 @@ def test_timers(results: dict[str, dict]) -> None:  # type: ignore[type-arg]
     assert m["lateness_max_ms"] >= m["lateness_p99_ms"] >= m["lateness_p50_ms"] >= 0
     assert m["duplicate_firings"] == 0
     assert m["missing_firings"] == 0 and m["firings"] == m["expected_firings"]
+    assert m["runs_started"] == m["expected_firings"] and m["started_more_than_once"] == 0
     assert "celery_lateness_p99_ms" in m
 
 

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,17 @@ def test_echo_hello_end_to_end(system: Settings) -> None:
     assert len(mine) == 1
     assert mine[0]["spec"]["executor"]["shell"]["argv"] == ["echo", "hello"]
     assert mine[0]["user_id"] == "e2e-user"
+
+
+def test_a_delayed_job_starts_on_its_due_time_never_before(system: Settings) -> None:
+    # The scheduler dispatches it ahead of time (not_before_ms); the worker holds it.
+    s = system
+    job_id = jobsched(s, "submit", "--in", "2s", "--", "true").stdout.strip()
+    job = wait_status(s, job_id, "completed")
+    (run,) = job["runs"]
+    nominal = datetime.fromisoformat(run["nominal_at"].replace("Z", "+00:00"))
+    started = datetime.fromisoformat(run["started_at"].replace("Z", "+00:00"))
+    assert started >= nominal, (run["started_at"], run["nominal_at"])
 
 
 def test_failing_command_shows_exit_code_and_stderr(system: Settings) -> None:

@@ -11,7 +11,8 @@ from harness import InThread, Reporter, Tail, final_status, isolated, statuses
 from infra.config import Settings
 from infra.kafka import make_producer
 from producers.client import JobClient
-from scheduler.service import SchedulerService
+from scheduler.service import DEFAULT_DISPATCH_LOOKAHEAD_MS, SchedulerService
+from scheduler.state import SchedulerConfig
 from schemas.events import JobStatusChanged, RunCancelRequested, RunReady, RunStatusChanged
 
 pytestmark = pytest.mark.integration
@@ -41,12 +42,24 @@ def test_job_runs_once_and_completes(env) -> None:  # type: ignore[no-untyped-de
 
 def test_delayed_job_fires_in_its_window(env) -> None:  # type: ignore[no-untyped-def]
     s, tail, client = env
-    with InThread(SchedulerService(s)), InThread(Reporter(s)):
+    with InThread(SchedulerService(s, config=SchedulerConfig(dispatch_lookahead_ms=0))), InThread(Reporter(s)):
         job = client.submit(["true"], delay="2s")
         tail.wait_for(lambda ev: final_status(tail, job) == "completed", what="completed")
     (ready,) = [r for r in tail.of(RunReady) if r.job_id == job]
     lateness = ready.occurred_at_ms - ready.nominal_ms
     assert 0 <= lateness < 1000, lateness
+    assert ready.not_before_ms is None
+
+
+def test_delayed_job_is_dispatched_ahead_with_its_due_time_by_default(env) -> None:  # type: ignore[no-untyped-def]
+    s, tail, client = env
+    with InThread(SchedulerService(s)), InThread(Reporter(s)):
+        job = client.submit(["true"], delay="2s")
+        tail.wait_for(lambda ev: final_status(tail, job) == "completed", what="completed")
+    (ready,) = [r for r in tail.of(RunReady) if r.job_id == job]
+    assert ready.not_before_ms == ready.nominal_ms
+    early = ready.nominal_ms - ready.occurred_at_ms
+    assert 0 < early <= DEFAULT_DISPATCH_LOOKAHEAD_MS, early
 
 
 def test_retry_then_success(env) -> None:  # type: ignore[no-untyped-def]

@@ -932,3 +932,97 @@ def test_restore_applies_tombstones_and_later_records() -> None:
                 ("gone", None), ("a", None), ("a", rec_a)], T0)
     assert set(ps.jobs) == {"a"} and ps.outcomes == {}
     assert ps.take_dirty() == []
+
+
+# ------------------------------------------------------------- dispatch ahead of due time
+
+AHEAD = 500
+
+
+def ahead_sim() -> Sim:
+    return Sim(SchedulerConfig(dispatch_lookahead_ms=AHEAD))
+
+
+def test_lookahead_dispatches_a_delayed_job_early_with_its_due_time() -> None:
+    sim = ahead_sim()
+    at = T0 + 10 * MIN
+    sim.submit(delay="10m")
+    assert sim.ps.next_due_ms() == at - AHEAD  # when the scheduler must wake, not the due time
+    assert sim.at(at - AHEAD - 1) == []
+    out = sim.at(at - AHEAD)
+    [r] = ready(out)
+    assert (r.run_id, r.nominal_ms, r.not_before_ms, r.occurred_at_ms) == (run_id_for("job", at), at, at, at - AHEAD)
+    assert job_status(out) == ["queued"]
+    assert ready(sim.at(at)) == [] and ready(sim.at(at + HOUR)) == []  # once
+
+
+def test_lookahead_leaves_not_before_unset_when_dispatch_is_not_early() -> None:
+    sim = ahead_sim()
+    [r] = ready(sim.submit())  # due now
+    assert r.not_before_ms is None
+    sim2 = ahead_sim()
+    sim2.submit(at=T0 + MIN)
+    [late] = ready(sim2.at(T0 + 2 * MIN))  # the scheduler was away: due is in the past
+    assert late.not_before_ms is None
+
+
+def test_lookahead_fires_a_job_due_within_it_at_submission() -> None:
+    sim = ahead_sim()
+    out = sim.submit(at=T0 + 200)
+    assert ready(out) == []  # the submission's own step only arms the timer...
+    [r] = ready(sim.at(T0))  # ...which the same scheduler step's timer pass takes at once
+    assert r.not_before_ms == T0 + 200
+
+
+def test_lookahead_dispatches_retries_early_with_the_retry_time() -> None:
+    sim = ahead_sim()
+    sim.submit(retries=1, backoff=10_000, backoff_max=10_000)
+    sim.started(RUN0)
+    out = sim.finished(RUN0, outcome="failed")
+    retry_at = of(out, RunStatusChanged)[0].retry_at_ms
+    assert retry_at is not None and sim.ps.next_due_ms() == retry_at - AHEAD
+    assert ready(sim.at(retry_at - AHEAD - 1)) == []
+    [r] = ready(sim.at(retry_at - AHEAD))
+    assert (r.attempt, r.not_before_ms, r.nominal_ms) == (2, retry_at, T0)
+
+
+def test_lookahead_cron_fires_each_time_once_and_computes_the_next_from_the_due_time() -> None:
+    sim = ahead_sim()
+    sim.submit(cron="0 * * * *", overlap="allow")
+    for h in (1, 2, 3):
+        due = T0 + h * HOUR
+        [r] = ready(sim.at(due - AHEAD))
+        assert (r.nominal_ms, r.not_before_ms) == (due, due)
+        assert ready(sim.at(due)) == []
+        assert sim.ps.jobs["job"].next_fire_ms == due + HOUR
+
+
+def test_lookahead_judges_overlap_forbid_at_the_due_time_not_before() -> None:
+    sim = Sim(SchedulerConfig(dispatch_lookahead_ms=AHEAD))
+    sim.submit(cron="*/10 * * * *", overlap="forbid", lease="1h")
+    first, second = run_id_for("job", T0 + 10 * MIN), run_id_for("job", T0 + 20 * MIN)
+    sim.at(T0 + 10 * MIN - AHEAD)
+    sim.now = T0 + 10 * MIN
+    sim.started(first)
+    # The first run is still active when the second is within the lookahead: not dispatched
+    # early, and not skipped yet either: the run may end before the second is due.
+    out = sim.at(T0 + 20 * MIN - AHEAD)
+    assert ready(out) == [] and run_status(out) == []
+    sim.now = T0 + 20 * MIN - 100
+    sim.finished(first)
+    [r] = ready(sim.at(T0 + 20 * MIN))  # judged on time: nothing active, so it runs
+    assert (r.run_id, r.not_before_ms) == (second, None)
+
+
+def test_lookahead_timers_survive_a_restore() -> None:
+    sim = ahead_sim()
+    sim.submit(at=T0 + MIN)
+    twin = sim.restored()
+    assert twin.ps.next_due_ms() == T0 + MIN - AHEAD
+    [r] = ready(twin.at(T0 + MIN - AHEAD))
+    assert r.not_before_ms == T0 + MIN
+
+
+def test_lookahead_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="dispatch_lookahead_ms"):
+        SchedulerConfig(dispatch_lookahead_ms=-1)

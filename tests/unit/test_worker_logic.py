@@ -17,6 +17,7 @@ from consumers.logstream import LogStream
 from consumers.worker import (
     ANY_WORKER,
     DEFAULT_ALLOW,
+    HeldRuns,
     OffsetTracker,
     ReadyBuffer,
     Record,
@@ -124,6 +125,20 @@ def test_buffer_drops_records_of_revoked_partitions() -> None:
     assert sorted(r.offset for r in dropped) == [1, 3]
     assert len(b) == 1 and b.counts() == {"high": 1, "normal": 0, "low": 0}
     assert b.pop().offset == 2
+
+
+def test_held_runs_come_out_when_due_earliest_first_and_go_with_their_partition() -> None:
+    h = HeldRuns()
+    h.push(3_000, _rec(1, "normal", TP_A))
+    h.push(1_000, _rec(2, "low", TP_B))
+    h.push(2_000, _rec(3, "high", TP_A))
+    assert h.next_due_ms() == 1_000 and len(h) == 3
+    assert h.pop_due(999) == []
+    assert [r.offset for r in h.pop_due(2_000)] == [2, 3]
+    assert h.next_due_ms() == 3_000
+    h.push(4_000, _rec(4, "normal", TP_B))
+    assert [r.offset for r in h.drop([TP_A])] == [1]
+    assert [r.offset for r in h.pop_due(10_000)] == [4] and h.next_due_ms() is None
 
 
 @pytest.mark.parametrize(
@@ -473,3 +488,47 @@ def test_attempts_started_together_each_send_their_own_heartbeats() -> None:
     beats = fake.events(RunHeartbeat)
     assert {b.run_id for b in beats} == {"a@1", "b@1"}
     assert all(b.job_id == b.run_id[0] for b in beats)
+
+
+class _ReadyMsg(_Msg):
+    def __init__(self, value: bytes, topic: str, offset: int) -> None:
+        super().__init__(value)
+        self._topic, self._offset = topic, offset
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+
+def test_a_run_dispatched_ahead_is_held_until_not_before_and_its_offset_not_committed() -> None:
+    from schemas.events import now_ms
+
+    w = Worker(Settings(topic_prefix="unit"), registry=CollectorRegistry(), prefetch=1)
+    topic = w.topics[1]
+    due = now_ms() + 60_000
+    ahead = dataclasses.replace(_ready(ExecutorSpec.of_shell(["true"])), not_before_ms=due)
+    now = dataclasses.replace(_ready(ExecutorSpec.of_shell(["true"])), run_id="j1@8", not_before_ms=now_ms() - 5)
+    w._on_message(_ReadyMsg(default_codec().encode(ahead), topic, 10), accept=True)  # type: ignore[arg-type]
+    w._on_message(_ReadyMsg(default_codec().encode(now), topic, 11), accept=True)  # type: ignore[arg-type]
+    assert len(w._held) == 1 and w._held.next_due_ms() == due
+    assert len(w._buffer) == 1 and w._buffer.pop().ready.run_id == "j1@8"  # already due: not held
+    assert w._tracker.committable() == {(topic, 0): 10}  # nothing past the held record
+    assert w._held.pop_due(due - 1) == []
+    assert [r.ready.run_id for r in w._held.pop_due(due)] == ["j1@7"]
+
+
+def test_a_failed_commit_offers_the_offsets_again() -> None:
+    t = OffsetTracker()
+    e = t.track(TP_A, 4)
+    t.finish(TP_A, 4, e)
+    t.committed(TP_A, 5)  # requested (asynchronously)
+    assert t.committable() == {}
+    t.commit_failed(TP_A)
+    assert t.committable() == {TP_A: 5}
+    t.commit_failed(TP_B)  # unknown partition: nothing to do
+    assert t.committable() == {TP_A: 5}
