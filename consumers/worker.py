@@ -387,12 +387,14 @@ class WorkerMetrics:
 
 
 class _Deliveries:
-    """Counts one attempt's log chunks not yet acknowledged by Kafka."""
+    """Counts one attempt's log chunks not yet acknowledged by Kafka, and runs a
+    continuation (the ``RunFinished``) once the last one is."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.pending = 0
         self.failed = 0
+        self._then: Callable[[], None] | None = None
 
     def callback(self) -> Callable[[KafkaError | None, Message], None]:
         with self._lock:
@@ -403,8 +405,21 @@ class _Deliveries:
                 self.pending -= 1
                 if err is not None:
                     self.failed += 1
+                then = self._then if self.pending <= 0 else None
+                if then is not None:
+                    self._then = None
+            if then is not None:
+                then()
 
         return done
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` when every chunk so far is acknowledged (now, if they are)."""
+        with self._lock:
+            if self.pending > 0:
+                self._then = fn
+                return
+        fn()
 
     def wait(self, producer: Producer, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -546,6 +561,7 @@ class Worker:
         self._running: dict[int, _Run] = {}
         self._tokens = itertools.count()
         self._paused: set[TP] = set()
+        self._flow_key: tuple[frozenset[str], frozenset[TP]] | None = None
         self._stopping = False
         self._commit_after = 0.0
         self._consumer: Consumer | None = None
@@ -859,15 +875,21 @@ class Worker:
             log.warning("run interrupted by shutdown; offset left uncommitted for redelivery")
             return
         run.log.close(eof=True)
-        if not run.deliveries.wait(self._producer, 60.0) or run.deliveries.failed:
-            log.warning("log chunks not all delivered", pending=run.deliveries.pending,
-                        failed=run.deliveries.failed)
         finished = self._finished(
             ready, outcome=outcome.outcome, exit_code=outcome.exit_code, reason=outcome.reason,
             started_at_ms=started_ms, finished_at_ms=finished_ms,
             log_bytes=run.log.kept_bytes, log_truncated=run.log.truncated,
         )
-        self._report_finished(rec, finished)
+        deliveries = run.deliveries
+
+        def report() -> None:
+            if deliveries.failed:
+                log.warning("log chunks not all delivered", failed=deliveries.failed)
+            self._report_finished(rec, finished)
+
+        # The RunFinished goes out once Kafka has every log chunk (a delivery callback
+        # produces it), so a finished run's log is complete; the job slot is free now.
+        deliveries.then(report)
         self._metrics.finished.labels(queue_name, kind, outcome.outcome).inc()
         self._metrics.duration.labels(kind, outcome.outcome).observe(time.monotonic() - t0)
         (log.debug if outcome.outcome == "succeeded" else log.info)(
@@ -1007,6 +1029,9 @@ class Worker:
             paused = frozenset(PRIORITIES)
         else:
             paused = paused_priorities(self._buffer.counts(), self.prefetch)
+        if (paused, self._assigned) == self._flow_key:
+            return  # nothing changed since the last step (the common case)
+        self._flow_key = (paused, self._assigned)
         desired = {tp for tp in self._assigned if self._topic_priority[tp[0]] in paused}
         to_pause = desired - self._paused
         to_resume = self._paused - desired

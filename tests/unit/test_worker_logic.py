@@ -352,6 +352,7 @@ def _run_one(w: Worker, rec_ready: RunReady) -> tuple[FakeProducer, tuple[str, i
         for r in list(w._running.values()):
             assert r.future is not None
             r.future.result(20)
+    fake.poll()  # the consuming thread polls the producer: log chunks acknowledged, RunFinished sent
     return fake, tp, epoch
 
 
