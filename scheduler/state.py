@@ -256,7 +256,7 @@ class PartitionState:
                                                 reason=reason, spec=spec)))
             self._retain(jid, "failed", now)
             raise Rejected(reason) from e
-        job = Job(spec=spec, waiting=set(spec.after))
+        job = Job(spec=spec, waiting=_waiting(spec.after))
         self.jobs[jid] = job
         self.dirty.add(jid)
         sched = spec.schedule
@@ -667,6 +667,15 @@ class PartitionState:
         self.dirty.clear()
 
 
+_NOTHING: frozenset[str] = frozenset()
+
+
+def _waiting(ids: list[str]) -> set[str]:
+    """The upstream ids a job waits for; the common "none" is one shared empty frozenset
+    (an empty set costs 216 bytes per pending job, and is never added to)."""
+    return set(ids) if ids else _NOTHING  # type: ignore[return-value]
+
+
 def snapshot(job: Job) -> SchedulerJobState:
     return SchedulerJobState(
         job_id=job.job_id, status=job.status, reason=job.reason, spec=job.spec, waiting=sorted(job.waiting),
@@ -678,7 +687,7 @@ def snapshot(job: Job) -> SchedulerJobState:
 
 def from_snapshot(rec: SchedulerJobState) -> Job:
     assert rec.spec is not None
-    return Job(spec=rec.spec, status=rec.status, reason=rec.reason, waiting=set(rec.waiting),
+    return Job(spec=rec.spec, status=rec.status, reason=rec.reason, waiting=_waiting(rec.waiting),
                downstream=list(rec.downstream), next_fire_ms=rec.next_fire_ms, attempts=rec.attempts,
                paused=rec.paused,
                runs={r.run_id: Run(run_id=r.run_id, nominal_ms=r.nominal_ms, attempt=r.attempt, execution=r.execution,

@@ -58,14 +58,25 @@ def _load_dir(path: Path) -> list[tuple[str, Any]]:
     return out
 
 
+_COMMON_STRINGS = frozenset({"user_id", "tenant_id", "name", "queue", "priority", "kind", "target", "kwargs_json",
+                             "timezone", "overlap", "catchup", "cron", "status", "worker_id", "method", "url"})
+_SHARED_VALUES = frozenset({"ExecutorSpec", "PythonSpec", "RetryPolicy"})
+#: Bound on each sharing cache (cleared when exceeded): sharing saves memory, never leaks it.
+_SHARE_LIMIT = 100_000
+
+
 class _Shape:
     """How one record maps to its Python class: which fields hold nested records."""
 
-    __slots__ = ("cls", "names", "nested", "lists")
+    __slots__ = ("cls", "names", "nested", "lists", "common", "shared")
 
     def __init__(self, cls: type, schema: dict[str, Any]) -> None:
         self.cls = cls
         self.names = tuple(f.name for f in fields(cls))
+        #: String fields whose values repeat across records: one copy of each is kept.
+        self.common = tuple(n for n in self.names if n in _COMMON_STRINGS)
+        #: Immutable value records: equal ones decode to one shared instance.
+        self.shared = schema["name"].rsplit(".", 1)[-1] in _SHARED_VALUES
         self.nested: dict[str, type] = {}  # field -> class of a (nullable) record
         self.lists: dict[str, type] = {}  # field -> class of an array's record items
         for f in schema["fields"]:
@@ -86,6 +97,8 @@ class Codec:
         self._writer: dict[str, tuple[bytes, Any]] = {}  # avro name -> (header, parsed schema)
         self._readers: dict[bytes, tuple[str, Any, Any]] = {}  # fingerprint -> (name, writer, reader)
         self._shapes: dict[str, _Shape] = {}
+        self._strings: dict[str, str] = {}
+        self._values: dict[tuple[Any, ...], Any] = {}
         for name, schema in current.items():
             parsed = fastavro.parse_schema(schema)
             fp = fingerprint(schema)
@@ -187,7 +200,27 @@ class Codec:
             v = record.get(n)
             if v:
                 record[n] = [self._from_dict("io.jobsched." + cls.__name__, x) for x in v]
+        # A scheduler holds a million pending specs: equal small values (user, queue, zone,
+        # executor, retry policy) are kept once, not once per job.
+        strs = self._strings
+        for n in shape.common:
+            v = record.get(n)
+            if v is not None:
+                record[n] = strs.setdefault(v, v)
+        if len(strs) > _SHARE_LIMIT:
+            strs.clear()
         try:
+            if shape.shared:
+                try:
+                    key = (name, *record.values())
+                    hit = self._values.get(key)
+                except TypeError:  # a list or map inside: not shareable
+                    return shape.cls(**record)
+                if hit is None:
+                    if len(self._values) > _SHARE_LIMIT:
+                        self._values.clear()
+                    hit = self._values[key] = shape.cls(**record)
+                return hit
             return shape.cls(**record)
         except TypeError as e:
             raise DecodeError(f"{name} does not match its Python class: {e}") from e
