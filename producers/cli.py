@@ -286,7 +286,7 @@ def _service_logging(json_logs: bool) -> None:
 @cli.command()
 @click.option("--instance", help="Stable instance id (default: host-pid-random).")
 @click.option("--metrics-port", type=int, default=0, help="Serve Prometheus metrics on this port.")
-@click.option("--lookahead-ms", type=click.IntRange(0, 60_000), default=None, envvar="JOBSCHED_DISPATCH_LOOKAHEAD_MS",
+@click.option("--lookahead-ms", type=click.IntRange(0, 30_000), default=None, envvar="JOBSCHED_DISPATCH_LOOKAHEAD_MS",
               help="Dispatch timed runs this long before they are due; workers start them on time "
                    "[default: 500; 0 dispatches at the due time].")
 @click.pass_context

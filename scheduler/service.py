@@ -32,6 +32,7 @@ from infra.config import Settings
 from infra.errors import BrokerUnavailable, DecodeError
 from infra.kafka import KAFKA_LOGGER, DeadLetters, ensure_topics, make_consumer, make_producer
 from infra.topics import topic_specs
+from scheduler.coldstore import FileColdStore
 from scheduler.state import COMMANDS, CONTROL, EVENTS, READY, Output, PartitionState, Rejected, SchedulerConfig
 from schemas.codec import Codec, default_codec
 from schemas.events import DependencyRegistered, RunReady, UpstreamResolved, now_ms
@@ -53,6 +54,20 @@ OWNED = Gauge("jobsched_scheduler_partitions", "Partitions owned by this instanc
 RESTORE = Histogram("jobsched_scheduler_restore_seconds", "Time to restore newly assigned partitions",
                     buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60))
 
+#: Changelog header of a job filed cold: its due time (epoch ms, ASCII digits).
+COLD_DUE_HEADER = "jobsched-cold-due"
+
+
+def _cold_due(msg: Any) -> int | None:
+    for k, v in msg.headers() or ():
+        if k == COLD_DUE_HEADER and v is not None:
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
 #: A transaction slower than this is logged with where its time went.
 SLOW_TRANSACTION_S = float(os.environ.get("JOBSCHED_SLOW_TRANSACTION_S", "0.25"))
 
@@ -70,7 +85,7 @@ class SchedulerService:
 
     def __init__(self, settings: Settings, *, instance_id: str | None = None, config: SchedulerConfig | None = None,
                  batch_size: int = 2000, codec: Codec | None = None,
-                 consumer_overrides: dict[str, Any] | None = None) -> None:
+                 consumer_overrides: dict[str, Any] | None = None, cold_dir: str | None = None) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.settings = settings
@@ -79,6 +94,8 @@ class SchedulerService:
         self.batch_size = batch_size
         self.codec = codec or default_codec()
         self.states: dict[int, PartitionState] = {}
+        #: Where cold jobs' records are kept (unlinked temporary files); None: the system's temp dir.
+        self.cold_dir = cold_dir
         self._consumer_overrides = consumer_overrides or {}
         self._known_topics: set[str] = set()
         self._log = log.bind(instance=self.instance_id)
@@ -103,7 +120,11 @@ class SchedulerService:
             "enable.partition.eof": True,
             "fetch.max.bytes": 52428800,
         })
-        records: dict[int, list[tuple[str, Any]]] = {p: [] for p in partitions}
+        # Latest record per job: decoded ("hot"), or its bytes straight into the partition's
+        # cold store when the writer marked it cold and it is still beyond the horizon.
+        records: dict[int, dict[str, Any]] = {p: {} for p in partitions}
+        stores = {p: self._cold_store() for p in partitions}
+        horizon_end = now_ms() + self.config.cold_horizon_ms
         try:
             ends: dict[int, int] = {}
             assign = []
@@ -127,23 +148,44 @@ class SchedulerService:
                             raise BrokerUnavailable(f"changelog restore failed: {err.str()}")
                         key = msg.key().decode()
                         value = msg.value()
+                        part = msg.partition()
+                        due = _cold_due(msg) if value is not None else None
+                        if due is not None and due > horizon_end:
+                            records[part].pop(key, None)
+                            stores[part].put(key, due, value)
+                            continue
+                        stores[part].discard(key)
                         try:
                             rec = self.codec.decode_state(value) if value is not None else None
                         except DecodeError as e:
                             self._log.error("changelog_record_unreadable", job_id=key, error=str(e))
                             continue
-                        records[msg.partition()].append((key, rec))
+                        records[part][key] = rec
+        except BaseException:
+            for store in stores.values():
+                store.close()
+            raise
         finally:
             reader.close()
         now = now_ms()
         for p in partitions:
-            ps = PartitionState(p, self.config)
-            ps.restore(records[p], now)
+            ps = PartitionState(p, self.config, cold=stores[p], decode=self.codec.decode_state)
+            ps.restore(records[p].items(), now)
             self.states[p] = ps
         took = time.monotonic() - t0
         RESTORE.observe(took)
         self._log.info("partitions_restored", partitions=sorted(partitions), seconds=round(took, 3),
-                       jobs=sum(len(self.states[p].jobs) for p in partitions))
+                       jobs=sum(self.states[p].live_count for p in partitions),
+                       cold_jobs=sum(len(stores[p]) for p in partitions),
+                       cold_file_bytes=sum(stores[p].file_bytes for p in partitions))
+
+    def _cold_store(self) -> FileColdStore:
+        return FileColdStore(self.cold_dir)
+
+    def _drop_state(self, partition: int) -> None:
+        ps = self.states.pop(partition, None)
+        if ps is not None and ps.cold is not None:
+            ps.cold.close()
 
     def _watermarks(self, reader: Consumer, tp: TopicPartition, timeout: float = 60.0) -> tuple[int, int]:
         """(low, high) of a changelog partition, waiting out leader elections."""
@@ -172,7 +214,7 @@ class SchedulerService:
         # nothing to flush: drop the state; the next owner restores it from the changelog.
         gone = {tp.partition for tp in tps}
         for p in gone:
-            self.states.pop(p, None)
+            self._drop_state(p)
         OWNED.set(len(self.states))
         if gone:
             self._log.info("partitions_revoked", partitions=sorted(gone))
@@ -310,9 +352,20 @@ class SchedulerService:
                 producer.poll(0)
             state_topic = self.settings.state_topic
             for p, ps in self.states.items():
-                for jid, rec in ps.take_dirty():
-                    producer.produce(state_topic, key=jid.encode(), value=encode(rec) if rec is not None else None,
-                                     partition=p)
+                dirty = ps.take_dirty()
+                if not dirty:
+                    continue
+                encoded = {jid: encode(rec) for jid, rec in dirty if rec is not None}
+                # Jobs now waiting beyond the horizon leave memory; their changelog record says
+                # so (a header with the due time), so a new owner files them cold undecoded.
+                cooled = ps.settle(now, encoded)
+                for jid, rec in dirty:
+                    if jid in cooled:
+                        assert rec is not None and rec.next_fire_ms is not None
+                        producer.produce(state_topic, key=jid.encode(), value=encoded[jid], partition=p,
+                                         headers=[(COLD_DUE_HEADER, str(rec.next_fire_ms).encode())])
+                    else:
+                        producer.produce(state_topic, key=jid.encode(), value=encoded.get(jid), partition=p)
             # Offsets go into every transaction, timer-only ones too: the group coordinator
             # then fences a zombie whose partitions moved on (KIP-447) — no double dispatch.
             t_produced = time.monotonic()
@@ -332,7 +385,7 @@ class SchedulerService:
             self._log.warning("slow_transaction", seconds=round(took, 3), inputs=len(records), outputs=len(outs),
                               apply_s=round(t_applied - t0, 3), produce_s=round(t_produced - t_applied, 3),
                               offsets_s=round(t_offsets - t_produced, 3), commit_s=round(time.monotonic() - t_offsets, 3))
-        LIVE.set(sum(len(ps.jobs) for ps in self.states.values()))
+        LIVE.set(sum(ps.live_count for ps in self.states.values()))
         TIMERS.set(sum(ps.timer_count for ps in self.states.values()))
 
     def _recover(self, consumer: Consumer, producer: Any, exc: KafkaException) -> None:
@@ -349,7 +402,8 @@ class SchedulerService:
         # The in-memory state ran ahead of what was committed: rebuild it, and seek the
         # inputs back to the committed offsets so the same records are applied again.
         owned = sorted(self.states)
-        self.states.clear()
+        for p in owned:
+            self._drop_state(p)
         self._restore(owned)
         assignment = consumer.assignment()
         for tp in consumer.committed(assignment, timeout=30):

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from infra.errors import ValidationError
+from scheduler.coldstore import ColdStore
 from scheduler.timing import backoff_ms, fires_between, next_cron_ms
 from scheduler.validation import validate_spec
 from schemas.events import (
@@ -72,10 +73,15 @@ class SchedulerConfig:
     #: still active and whose overlap policy is not ``allow`` is never dispatched early
     #: (the policy is judged at the due time).
     dispatch_lookahead_ms: int = 0
+    #: With a cold store, a pending job with nothing to do until a time further ahead than
+    #: this is moved out of memory into the store, and taken back this long before it.
+    cold_horizon_ms: int = 60_000
 
     def __post_init__(self) -> None:
         if self.dispatch_lookahead_ms < 0:
             raise ValueError("dispatch_lookahead_ms must be >= 0")
+        if self.cold_horizon_ms <= self.dispatch_lookahead_ms:
+            raise ValueError("cold_horizon_ms must be greater than dispatch_lookahead_ms")
 
 
 @dataclass(slots=True)
@@ -123,10 +129,19 @@ class Rejected(ValidationError):
 class PartitionState:
     """Live jobs, retained outcomes and timers of one partition."""
 
-    def __init__(self, partition: int, config: SchedulerConfig | None = None) -> None:
+    def __init__(self, partition: int, config: SchedulerConfig | None = None, *,
+                 cold: ColdStore | None = None,
+                 decode: Callable[[bytes], SchedulerJobState] | None = None) -> None:
+        if (cold is None) != (decode is None):
+            raise ValueError("a cold store needs a decode function for its records, and vice versa")
         self.partition = partition
         self.config = config or SchedulerConfig()
+        #: Jobs in memory ("hot").  Jobs in ``cold`` are just as live: see :meth:`settle`.
         self.jobs: dict[str, Job] = {}
+        self.cold = cold
+        self._decode = decode
+        #: Jobs armed this step for a time beyond the horizon: :meth:`settle` cools them.
+        self._to_cool: set[str] = set()
         #: job_id -> (terminal status, finished_at_ms): answers for late dependents.
         self.outcomes: dict[str, tuple[str, int]] = {}
         #: Timers judged at their due time (leases, outcome expiry, deferred firings).
@@ -146,15 +161,83 @@ class PartitionState:
 
     def next_due_ms(self) -> int | None:
         """The earliest instant at which :meth:`fire_due` has something to do."""
-        a = self._timers[0][0] if self._timers else None
-        b = self._early[0][0] - self.config.dispatch_lookahead_ms if self._early else None
-        if a is None:
-            return b
-        return a if b is None else min(a, b)
+        cands = []
+        if self._timers:
+            cands.append(self._timers[0][0])
+        if self._early:
+            cands.append(self._early[0][0] - self.config.dispatch_lookahead_ms)
+        if self.cold is not None:
+            c = self.cold.next_due_ms()
+            if c is not None:
+                cands.append(c - self.config.cold_horizon_ms)
+        return min(cands) if cands else None
 
     @property
     def timer_count(self) -> int:
-        return len(self._timers) + len(self._early)
+        return len(self._timers) + len(self._early) + (len(self.cold) if self.cold is not None else 0)
+
+    @property
+    def live_count(self) -> int:
+        """Live jobs, in memory or cold."""
+        return len(self.jobs) + (len(self.cold) if self.cold is not None else 0)
+
+    # -- cold jobs ----------------------------------------------------------------------
+
+    def _job(self, job_id: str) -> Job | None:
+        """A live job by id, taken back from the cold store if it is there."""
+        job = self.jobs.get(job_id)
+        if job is None and self.cold is not None:
+            data = self.cold.take(job_id)
+            if data is not None:
+                job = self._warm(job_id, data)
+        return job
+
+    def _warm(self, job_id: str, data: bytes) -> Job:
+        assert self._decode is not None
+        job = from_snapshot(self._decode(data))
+        self.jobs[job_id] = job
+        # A cold job has no runs, waits for nothing and is not paused: its one timer is its firing.
+        if job.next_fire_ms is not None:
+            self._push(job.next_fire_ms, FIRE, job_id)
+        return job
+
+    def _coolable(self, job: Job, now: int) -> bool:
+        return (job.next_fire_ms is not None and job.next_fire_ms > now + self.config.cold_horizon_ms
+                and not job.runs and not job.waiting and not job.downstream and not job.paused
+                and job.status == "pending")
+
+    def settle(self, now: int, encoded: dict[str, bytes]) -> set[str]:
+        """End of a step: move the jobs armed for beyond the horizon into the cold store.
+
+        ``encoded`` holds the changelog value written this step for each job id (what
+        :meth:`take_dirty` returned, encoded); the store keeps those bytes.  Returns the
+        ids cooled.  A job that stopped qualifying during the step gets its timer instead.
+        """
+        cooled: set[str] = set()
+        if not self._to_cool:
+            return cooled
+        for jid in self._to_cool:
+            job = self.jobs.get(jid)
+            if job is None:
+                continue
+            data = encoded.get(jid)
+            if self.cold is not None and data is not None and self._coolable(job, now):
+                assert job.next_fire_ms is not None
+                self.cold.put(jid, job.next_fire_ms, data)
+                del self.jobs[jid]
+                cooled.add(jid)
+            elif job.next_fire_ms is not None and not job.paused and not job.waiting:
+                self._push(job.next_fire_ms, FIRE, jid)
+        self._to_cool.clear()
+        return cooled
+
+    def _warm_due(self, now: int) -> None:
+        if self.cold is None:
+            return
+        for jid in self.cold.due_until(now + self.config.cold_horizon_ms):
+            data = self.cold.take(jid)
+            if data is not None:
+                self._warm(jid, data)
 
     def _may_fire_early(self, job: Job, kind: int) -> bool:
         if kind == RETRY or not job.runs:
@@ -169,6 +252,7 @@ class PartitionState:
         attempt is declared lost until the input is caught up.
         """
         out: list[Output] = []
+        self._warm_due(now)
         early = self._early
         horizon = now + self.config.dispatch_lookahead_ms
         while early and early[0][0] <= horizon:
@@ -246,7 +330,7 @@ class PartitionState:
     def _on_submitted(self, ev: JobSubmitted, now: int, out: list[Output]) -> None:
         spec = ev.spec
         jid = spec.job_id
-        if jid in self.jobs or jid in self.outcomes:
+        if jid in self.jobs or jid in self.outcomes or (self.cold is not None and jid in self.cold):
             return  # a resubmission of the same id (client retry): already known
         try:
             validate_spec(spec)
@@ -281,6 +365,8 @@ class PartitionState:
             return
         if job.next_fire_ms <= now:
             self._on_fire(job, job.next_fire_ms, now, out)
+        elif self.cold is not None and job.next_fire_ms > now + self.config.cold_horizon_ms and not job.runs:
+            self._to_cool.add(job.job_id)  # settle() cools it, or arms it if it no longer qualifies
         else:
             self._push(job.next_fire_ms, FIRE, job.job_id)
 
@@ -376,7 +462,7 @@ class PartitionState:
             attempt=ev.attempt, worker_id=worker_id, reason=reason)))
 
     def _on_report(self, ev: RunStarted | RunHeartbeat | RunFinished, now: int, out: list[Output]) -> None:
-        job = self.jobs.get(ev.job_id)
+        job = self._job(ev.job_id)
         run = job.runs.get(ev.run_id) if job is not None else None
         if job is None or run is None or ev.attempt < run.attempt:
             # A report for a run that is over or superseded.  If something just started
@@ -508,7 +594,7 @@ class PartitionState:
         job.downstream = []
 
     def _on_dependency(self, ev: DependencyRegistered, now: int, out: list[Output]) -> None:
-        up = self.jobs.get(ev.upstream_id)
+        up = self._job(ev.upstream_id)
         if up is not None:
             if ev.downstream_id not in up.downstream:
                 up.downstream.append(ev.downstream_id)
@@ -520,7 +606,7 @@ class PartitionState:
             downstream_id=ev.downstream_id, outcome=known[0] if known else "unknown")))
 
     def _on_upstream(self, ev: UpstreamResolved, now: int, out: list[Output]) -> None:
-        job = self.jobs.get(ev.downstream_id)
+        job = self._job(ev.downstream_id)
         if job is None or ev.upstream_id not in job.waiting:
             return
         self.dirty.add(job.job_id)
@@ -549,7 +635,7 @@ class PartitionState:
         self.dirty.add(job.job_id)
 
     def _on_cancel(self, ev: JobCancelRequested, now: int, out: list[Output]) -> None:
-        job = self.jobs.get(ev.job_id)
+        job = self._job(ev.job_id)
         if job is None:
             return  # already over (or unknown): cancelling is a no-op
         reason = ev.reason or f"cancelled by {ev.user_id}"
@@ -558,7 +644,7 @@ class PartitionState:
         self._finish(job, "cancelled", now, out, reason=reason)
 
     def _on_pause(self, ev: SchedulePaused, now: int, out: list[Output]) -> None:
-        job = self.jobs.get(ev.job_id)
+        job = self._job(ev.job_id)
         if job is None or job.paused:
             return
         job.paused = True
@@ -567,7 +653,7 @@ class PartitionState:
             self._set_status(job, "paused", now, out, reason=f"paused by {ev.user_id}")
 
     def _on_resume(self, ev: ScheduleResumed, now: int, out: list[Output]) -> None:
-        job = self.jobs.get(ev.job_id)
+        job = self._job(ev.job_id)
         if job is None or not job.paused:
             return
         job.paused = False
@@ -645,6 +731,8 @@ class PartitionState:
         for jid, rec in records:
             self.jobs.pop(jid, None)
             self.outcomes.pop(jid, None)
+            if self.cold is not None:
+                self.cold.discard(jid)
             if rec is None:
                 continue
             if rec.spec is None:
@@ -653,6 +741,7 @@ class PartitionState:
                 self.jobs[jid] = from_snapshot(rec)
         self._timers.clear()
         self._early.clear()
+        self._to_cool.clear()
         for jid, (_, at) in self.outcomes.items():
             self._push(at + self.config.outcome_retention_ms, EXPIRE, jid)
         for job in self.jobs.values():

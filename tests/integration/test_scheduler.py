@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -169,3 +170,25 @@ def test_invalid_spec_from_a_direct_producer_is_refused_visibly(env) -> None:  #
         tail.wait_for(lambda ev: final_status(tail, bad.job_id) == "failed", what="rejected")
     (ev,) = [e for e in tail.of(JobStatusChanged) if e.job_id == bad.job_id]
     assert ev.reason is not None and "cron" in ev.reason
+
+
+def test_a_job_due_later_is_filed_cold_restored_cold_and_fires_once(env) -> None:  # type: ignore[no-untyped-def]
+    s, tail, client = env
+    config = SchedulerConfig(dispatch_lookahead_ms=200, cold_horizon_ms=3000)
+    first = SchedulerService(s, config=config)
+    with InThread(first), InThread(Reporter(s)):
+        job = client.submit(["true"], delay="12s")
+        tail.wait_for(lambda ev: statuses(tail, job) == ["pending"], what="pending")
+        deadline = time.monotonic() + 10
+        while not any(ps.cold is not None and job in ps.cold for ps in list(first.states.values())):
+            assert time.monotonic() < deadline, "the job was not filed cold"
+            time.sleep(0.05)
+    # A new owner reads the changelog: the record is marked cold, so it is filed undecoded.
+    second = SchedulerService(s, config=config)
+    with InThread(second), InThread(Reporter(s)):
+        second.ready.wait(30)
+        assert any(ps.cold is not None and job in ps.cold for ps in second.states.values())
+        tail.wait_for(lambda ev: final_status(tail, job) == "completed", timeout=30, what="completed")
+    ready = [r for r in tail.of(RunReady) if r.job_id == job]
+    assert len(ready) == 1 and ready[0].not_before_ms == ready[0].nominal_ms
+    assert statuses(tail, job) == ["pending", "queued", "running", "completed"]

@@ -19,6 +19,7 @@ from scheduler.state import (
     Rejected,
     SchedulerConfig,
 )
+from scheduler.coldstore import MemoryColdStore
 from scheduler.timing import backoff_ms
 from schemas.codec import default_codec
 from schemas.events import (
@@ -1026,3 +1027,116 @@ def test_lookahead_timers_survive_a_restore() -> None:
 def test_lookahead_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="dispatch_lookahead_ms"):
         SchedulerConfig(dispatch_lookahead_ms=-1)
+
+
+# ------------------------------------------------------------------------- cold jobs
+
+HORIZON = MIN
+
+
+class ColdSim(Sim):
+    """A partition with a cold store, settled after every step as the service does."""
+
+    def __init__(self, config: SchedulerConfig | None = None, now: int = T0) -> None:
+        super().__init__(config or SchedulerConfig(cold_horizon_ms=HORIZON), now)
+        codec = default_codec()
+        self.codec = codec
+        self.ps = PartitionState(7, self.ps.config, cold=MemoryColdStore(), decode=codec.decode_state)
+        #: job id -> (encoded record, cold due time or None), as written to the changelog.
+        self.written: dict[str, tuple[bytes | None, int | None]] = {}
+
+    def _step(self, out: list[Output]) -> list[Output]:
+        dirty = self.ps.take_dirty()
+        encoded = {jid: self.codec.encode(rec) for jid, rec in dirty if rec is not None}
+        cooled = self.ps.settle(self.now, encoded)
+        for jid, rec in dirty:
+            self.changelog[jid] = rec
+            self.written[jid] = (encoded.get(jid), rec.next_fire_ms if jid in cooled and rec else None)
+        return out
+
+    def restored(self) -> "ColdSim":
+        twin = ColdSim(self.ps.config, self.now)
+        hot = []
+        for jid, (data, cold_due) in self.written.items():
+            if data is not None and cold_due is not None and cold_due > self.now + HORIZON:
+                twin.ps.cold.put(jid, cold_due, data)  # type: ignore[union-attr]
+            else:
+                hot.append((jid, None if data is None else self.codec.decode_state(data)))
+        twin.ps.restore(hot, self.now)
+        twin.changelog, twin.written = dict(self.changelog), dict(self.written)
+        return twin
+
+
+def test_a_job_due_beyond_the_horizon_leaves_memory_and_fires_on_time_once() -> None:
+    sim = ColdSim()
+    at = T0 + HOUR
+    out = sim.submit(at=at)
+    assert job_status(out) == ["pending"]
+    assert "job" not in sim.ps.jobs and "job" in sim.ps.cold  # type: ignore[operator]
+    assert sim.ps.live_count == 1 and sim.ps.next_due_ms() == at - HORIZON
+    assert sim.at(at - HORIZON - 1) == []
+    assert sim.at(at - HORIZON) == [] and "job" in sim.ps.jobs  # back in memory, its timer armed
+    assert sim.ps.next_due_ms() == at
+    [r] = ready(sim.at(at))
+    assert (r.run_id, r.nominal_ms) == (run_id_for("job", at), at)
+    assert ready(sim.at(at + HOUR)) == []
+
+
+def test_a_job_due_within_the_horizon_stays_in_memory() -> None:
+    sim = ColdSim()
+    sim.submit(at=T0 + HORIZON - 1)
+    assert "job" in sim.ps.jobs and len(sim.ps.cold) == 0  # type: ignore[arg-type]
+
+
+def test_commands_reach_a_cold_job() -> None:
+    sim = ColdSim()
+    sim.submit(at=T0 + HOUR)
+    assert sim.submit(at=T0 + 2 * HOUR) == []  # the same id again: already known
+    out = sim.cancel()
+    assert job_status(out) == ["cancelled"] and sim.ps.live_count == 0
+    assert ready(sim.at(T0 + 2 * HOUR)) == []
+
+
+def test_pause_and_resume_of_a_cold_recurring_job() -> None:
+    sim = ColdSim()
+    sim.submit(cron="0 */6 * * *")  # next firing 6 h ahead: cold
+    assert "job" in sim.ps.cold  # type: ignore[operator]
+    out = sim.apply(SchedulePaused(user_id="alice", job_id="job", occurred_at_ms=sim.now))
+    assert job_status(out) == ["paused"] and "job" in sim.ps.jobs
+    assert ready(sim.at(T0 + 7 * HOUR)) == []
+    sim.apply(ScheduleResumed(user_id="alice", job_id="job", occurred_at_ms=sim.now))
+    assert "job" in sim.ps.cold  # type: ignore[operator]
+    [r] = ready(sim.at(T0 + 12 * HOUR))
+    assert r.nominal_ms == T0 + 12 * HOUR
+
+
+def test_a_downstream_registering_on_a_cold_upstream_is_told_its_outcome() -> None:
+    sim = ColdSim()
+    sim.submit("up", at=T0 + HOUR)
+    out = sim.submit("down", after=["up"])
+    [reg] = of(out, DependencyRegistered)
+    assert sim.apply(reg) == [] and "up" in sim.ps.jobs  # warmed, the dependency recorded
+    [r] = ready(sim.at(T0 + HOUR))
+    sim.started(r.run_id, job_id="up")
+    out = sim.finished(r.run_id, job_id="up")
+    assert [(u.downstream_id, u.outcome) for u in of(out, UpstreamResolved)] == [("down", "completed")]
+
+
+def test_cold_jobs_are_restored_without_being_decoded_and_fire_the_same() -> None:
+    sim = ColdSim()
+    for i in range(5):
+        sim.submit(f"j{i}", at=T0 + (i + 1) * HOUR)
+    sim.submit("soon", at=T0 + 10 * S)
+    twin = sim.restored()
+    assert set(twin.ps.jobs) == {"soon"} and len(twin.ps.cold) == 5  # type: ignore[arg-type]
+    for t in [T0 + 10 * S] + [T0 + (i + 1) * HOUR for i in range(5)]:
+        a, b = sim.at(t), twin.at(t)
+        assert [(r.run_id, r.nominal_ms) for r in ready(a)] == [(r.run_id, r.nominal_ms) for r in ready(b)]
+        assert len(ready(a)) == 1
+
+
+def test_a_cold_horizon_must_exceed_the_lookahead() -> None:
+    with pytest.raises(ValueError, match="cold_horizon_ms"):
+        SchedulerConfig(dispatch_lookahead_ms=500, cold_horizon_ms=500)
+    with pytest.raises(ValueError, match="decode"):
+        PartitionState(0, cold=MemoryColdStore())

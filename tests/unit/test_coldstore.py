@@ -1,0 +1,72 @@
+"""The cold stores: the in-memory reference and the file-backed one behave the same."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from scheduler.coldstore import FileColdStore, MemoryColdStore
+
+
+@pytest.fixture(params=["memory", "file"])
+def store(request, tmp_path):  # type: ignore[no-untyped-def]
+    s = MemoryColdStore() if request.param == "memory" else FileColdStore(tmp_path, compact_bytes=4096)
+    yield s
+    s.close()
+
+
+def test_put_take_discard_contains(store) -> None:  # type: ignore[no-untyped-def]
+    store.put("a", 300, b"A")
+    store.put("b", 100, b"B" * 50)
+    assert "a" in store and "b" in store and "c" not in store and len(store) == 2
+    assert store.take("b") == b"B" * 50 and "b" not in store
+    assert store.take("b") is None
+    store.discard("a")
+    store.discard("zz")
+    assert len(store) == 0 and store.next_due_ms() is None
+
+
+def test_due_order_and_replacement(store) -> None:  # type: ignore[no-untyped-def]
+    store.put("late", 500, b"1")
+    store.put("early", 100, b"2")
+    store.put("mid", 300, b"3")
+    store.put("early", 400, b"2b")  # replaced: its old due time no longer counts
+    assert store.next_due_ms() == 300
+    assert store.due_until(299) == []
+    assert store.due_until(450) == ["mid", "early"]
+    assert store.take("mid") == b"3" and store.take("early") == b"2b"
+    assert store.next_due_ms() == 500 and store.due_until(10_000) == ["late"]
+
+
+def test_a_taken_job_is_not_due_any_more(store) -> None:  # type: ignore[no-untyped-def]
+    store.put("x", 100, b"x")
+    store.put("y", 200, b"y")
+    assert store.take("x") == b"x"
+    assert store.next_due_ms() == 200 and store.due_until(1_000) == ["y"]
+
+
+def test_many_records_survive_compaction_unchanged(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rnd = random.Random(7)
+    file_store, ref = FileColdStore(tmp_path, compact_bytes=4096), MemoryColdStore()
+    for i in range(3000):
+        jid = f"job-{rnd.randrange(400)}"
+        op = rnd.random()
+        if op < 0.6:
+            due, data = rnd.randrange(10**12, 10**12 + 10**6), bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 80)))
+            file_store.put(jid, due, data)
+            ref.put(jid, due, data)
+        elif op < 0.8:
+            assert file_store.take(jid) == ref.take(jid)
+        else:
+            file_store.discard(jid)
+            ref.discard(jid)
+        assert len(file_store) == len(ref)
+    assert file_store.file_bytes < 3000 * 100  # compacted along the way
+    assert file_store.next_due_ms() == ref.next_due_ms()
+    until = 10**12 + 500_000
+    due_f, due_r = file_store.due_until(until), ref.due_until(until)
+    assert sorted(due_f) == sorted(due_r)
+    for jid in due_f:
+        assert file_store.take(jid) == ref.take(jid)
+    file_store.close()
