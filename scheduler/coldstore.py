@@ -92,6 +92,20 @@ class MemoryColdStore:
         self._items.clear()
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def _compact_id(job_id: str) -> str | bytes:
+    """The index key of a job id: a canonical UUID string (the default id) as its 16 bytes
+    (49 bytes of memory instead of 85); any other id as it is.  Bytes never equal a str,
+    so the two forms cannot collide."""
+    if len(job_id) == 36 and job_id[8] == job_id[13] == job_id[18] == job_id[23] == "-":
+        h = job_id.replace("-", "")
+        if len(h) == 32 and _HEX.issuperset(h):
+            return bytes.fromhex(h)
+    return job_id
+
+
 # Record layout in the file: length of the rest (u32), due ms (i64), id length (u16), id, data.
 _HEAD = struct.Struct("<IqH")
 _OFFSET_BITS = 40  # heap key = due_ms << 40 | file offset: files up to 1 TiB
@@ -99,7 +113,9 @@ _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
 
 
 class FileColdStore:
-    """Records in an unlinked temporary file; an id -> offset index and a due heap in memory.
+    """Records in an unlinked temporary file; an id -> key index and a heap of keys in memory.
+
+    A key is one int, ``due_ms << 40 | file offset``, shared by the index and the heap.
 
     The file only grows while the process runs; when more than half of it (and over
     ``compact_bytes``) is dead records, the live ones are copied to a fresh file.
@@ -117,8 +133,11 @@ class FileColdStore:
         self._fd = self._file.fileno()
         self._end = 0
         self._live = 0
-        self._index: dict[str, int] = {}
+        self._index: dict[str | bytes, int] = {}
         self._heap: list[int] = []
+        #: Counts changes, so that a checked heap top is re-checked only after one.
+        self._changes = 0
+        self._top: tuple[int, int | None] | None = None
 
     # -- io -------------------------------------------------------------------------------
 
@@ -145,45 +164,52 @@ class FileColdStore:
     # -- the interface ----------------------------------------------------------------------
 
     def put(self, job_id: str, due_ms: int, data: bytes) -> None:
-        old = self._index.get(job_id)
+        self._changes += 1
+        k = _compact_id(job_id)
+        old = self._index.get(k)
         if old is not None:
-            self._dead(old)
-        off = self._append(job_id, due_ms, data)
-        self._index[job_id] = off
-        heapq.heappush(self._heap, (due_ms << _OFFSET_BITS) | off)
+            self._dead(old & _OFFSET_MASK)
+        key = (due_ms << _OFFSET_BITS) | self._append(job_id, due_ms, data)
+        self._index[k] = key
+        heapq.heappush(self._heap, key)
         if self._end > self._compact_bytes and self._end > 2 * self._live:
             self._compact()
 
     def take(self, job_id: str) -> bytes | None:
-        off = self._index.pop(job_id, None)
-        if off is None:
+        key = self._index.pop(_compact_id(job_id), None)
+        if key is None:
             return None
-        _, _, data, size = self._read(off)
+        self._changes += 1
+        _, _, data, size = self._read(key & _OFFSET_MASK)
         self._live -= size
         return data
 
     def discard(self, job_id: str) -> None:
-        off = self._index.pop(job_id, None)
-        if off is not None:
-            self._dead(off)
+        key = self._index.pop(_compact_id(job_id), None)
+        if key is not None:
+            self._changes += 1
+            self._dead(key & _OFFSET_MASK)
 
     def __contains__(self, job_id: object) -> bool:
-        return job_id in self._index
+        return isinstance(job_id, str) and _compact_id(job_id) in self._index
 
     def __len__(self) -> int:
         return len(self._index)
 
     def _live_top(self) -> int | None:
         """The heap's first key that belongs to a live record (stale keys are dropped)."""
+        if self._top is not None and self._top[0] == self._changes:
+            return self._top[1]  # nothing changed since it was checked: no file read
         heap = self._heap
+        key: int | None = None
         while heap:
-            key = heap[0]
-            off = key & _OFFSET_MASK
-            _, jid, _, _ = self._read(off)
-            if self._index.get(jid) == off:
-                return key
+            _, jid, _, _ = self._read(heap[0] & _OFFSET_MASK)
+            if self._index.get(_compact_id(jid)) == heap[0]:
+                key = heap[0]
+                break
             heapq.heappop(heap)
-        return None
+        self._top = (self._changes, key)
+        return key
 
     def next_due_ms(self) -> int | None:
         key = self._live_top()
@@ -194,9 +220,10 @@ class FileColdStore:
         limit = ((until_ms + 1) << _OFFSET_BITS) - 1
         heap = self._heap
         while heap and heap[0] <= limit:
-            off = heapq.heappop(heap) & _OFFSET_MASK
-            _, jid, _, _ = self._read(off)
-            if self._index.get(jid) == off:
+            self._changes += 1
+            key = heapq.heappop(heap)
+            _, jid, _, _ = self._read(key & _OFFSET_MASK)
+            if self._index.get(_compact_id(jid)) == key:
                 out.append(jid)
         return out
 
@@ -204,15 +231,17 @@ class FileColdStore:
         old_fd, old_file, old_index = self._fd, self._file, self._index
         self._open()
         keys = []
-        for jid, off in old_index.items():
+        for k, old_key in old_index.items():
+            off = old_key & _OFFSET_MASK
             head = os.pread(old_fd, _HEAD.size, off)
             size, due, jlen = _HEAD.unpack(head)
             body = os.pread(old_fd, size - 10, off + _HEAD.size)
-            new = self._append(jid, due, body[jlen:])
-            self._index[jid] = new
-            keys.append((due << _OFFSET_BITS) | new)
+            key = (due << _OFFSET_BITS) | self._append(body[:jlen].decode(), due, body[jlen:])
+            self._index[k] = key
+            keys.append(key)
         heapq.heapify(keys)
         self._heap = keys
+        self._changes += 1
         old_file.close()
 
     @property

@@ -70,3 +70,24 @@ def test_many_records_survive_compaction_unchanged(tmp_path) -> None:  # type: i
     for jid in due_f:
         assert file_store.take(jid) == ref.take(jid)
     file_store.close()
+
+
+def test_uuid_ids_and_other_ids_are_kept_apart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = FileColdStore(tmp_path)
+    u = "0f8e3c1a-5b2d-4c7e-9a10-1234567890ab"
+    s.put(u, 10, b"uuid")
+    s.put(u.upper(), 20, b"upper")  # not canonical: kept as a string, a different job
+    s.put("nightly-report", 30, b"named")
+    assert u in s and u.upper() in s and "nightly-report" in s and len(s) == 3
+    assert s.due_until(100) == [u, u.upper(), "nightly-report"]
+    s.put(u, 40, b"again")
+    assert s.take(u) == b"again" and u not in s and s.take(u.upper()) == b"upper"
+    s.close()
+
+
+def test_free_memory_is_released_where_glibc_can() -> None:
+    import platform
+
+    from infra.memory import release_free_memory
+
+    assert release_free_memory() is (platform.libc_ver()[0] == "glibc")
