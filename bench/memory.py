@@ -72,5 +72,7 @@ def run(opts: RunOptions, machine: dict[str, Any]) -> dict[str, Any]:
                      "rss_restored_bytes": rss2, "submit_s": round(submit_s, 2),
                      "submit_to_all_applied_s": round(ingest_s, 2), "apply_rate_per_s": round(n / ingest_s, 1),
                      "restore_log_seconds": ev.get("seconds"),
+                     "cold_jobs_after_restore": ev.get("cold_jobs"),
+                     "cold_file_bytes_per_job": rnd((ev.get("cold_file_bytes") or 0) / n, 1),
                      "restore_s_means": "spawn of a new scheduler process -> its partitions_restored log line"},
         )
