@@ -49,8 +49,9 @@ class ColdStore(Protocol):
     def next_due_ms(self) -> int | None:
         """The earliest due time held."""
 
-    def due_until(self, until_ms: int) -> list[str]:
-        """Ids of the jobs due at or before ``until_ms`` (they stay until taken)."""
+    def due_until(self, until_ms: int, limit: int | None = None) -> list[str]:
+        """Ids of the (at most ``limit``) earliest jobs due at or before ``until_ms``,
+        earliest first; the caller takes each of them."""
 
     def close(self) -> None:
         """Release what the store holds."""
@@ -81,8 +82,9 @@ class MemoryColdStore:
     def next_due_ms(self) -> int | None:
         return min((d for d, _ in self._items.values()), default=None)
 
-    def due_until(self, until_ms: int) -> list[str]:
-        return [j for j, (d, _) in sorted(self._items.items(), key=lambda kv: kv[1][0]) if d <= until_ms]
+    def due_until(self, until_ms: int, limit: int | None = None) -> list[str]:
+        due = [j for j, (d, _) in sorted(self._items.items(), key=lambda kv: kv[1][0]) if d <= until_ms]
+        return due if limit is None else due[:limit]
 
     def ids(self) -> list[str]:
         """Every job id held (for tests)."""
@@ -215,11 +217,11 @@ class FileColdStore:
         key = self._live_top()
         return None if key is None else key >> _OFFSET_BITS
 
-    def due_until(self, until_ms: int) -> list[str]:
+    def due_until(self, until_ms: int, limit: int | None = None) -> list[str]:
         out: list[str] = []
-        limit = ((until_ms + 1) << _OFFSET_BITS) - 1
+        last = ((until_ms + 1) << _OFFSET_BITS) - 1
         heap = self._heap
-        while heap and heap[0] <= limit:
+        while heap and heap[0] <= last and (limit is None or len(out) < limit):
             self._changes += 1
             key = heapq.heappop(heap)
             _, jid, _, _ = self._read(key & _OFFSET_MASK)

@@ -48,6 +48,9 @@ from schemas.events import (
     run_id_for,
 )
 
+#: Cold jobs taken back into memory per call of ``fire_due`` at most.
+WARM_PER_STEP = 500
+
 # Timer kinds.
 FIRE, RETRY, LEASE, EXPIRE = 0, 1, 2, 3
 
@@ -234,7 +237,9 @@ class PartitionState:
     def _warm_due(self, now: int) -> None:
         if self.cold is None:
             return
-        for jid in self.cold.due_until(now + self.config.cold_horizon_ms):
+        # A bounded number per step: when many jobs come within the horizon at once (a
+        # restore, a burst of submissions), decoding them all would delay this step's firings.
+        for jid in self.cold.due_until(now + self.config.cold_horizon_ms, WARM_PER_STEP):
             data = self.cold.take(jid)
             if data is not None:
                 self._warm(jid, data)

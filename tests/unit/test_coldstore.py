@@ -91,3 +91,12 @@ def test_free_memory_is_released_where_glibc_can() -> None:
     from infra.memory import release_free_memory
 
     assert release_free_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_due_until_takes_at_most_the_limit_earliest_first(store) -> None:  # type: ignore[no-untyped-def]
+    for i in range(10):
+        store.put(f"j{i}", 1000 - i, b"x")
+    assert store.due_until(2000, limit=3) == ["j9", "j8", "j7"]
+    for j in ("j9", "j8", "j7"):
+        store.take(j)
+    assert store.due_until(2000, limit=3) == ["j6", "j5", "j4"]

@@ -1140,3 +1140,20 @@ def test_a_cold_horizon_must_exceed_the_lookahead() -> None:
         SchedulerConfig(dispatch_lookahead_ms=500, cold_horizon_ms=500)
     with pytest.raises(ValueError, match="decode"):
         PartitionState(0, cold=MemoryColdStore())
+
+
+def test_many_cold_jobs_coming_due_are_taken_back_a_bounded_number_per_step() -> None:
+    from scheduler.state import WARM_PER_STEP
+
+    sim = ColdSim()
+    n = WARM_PER_STEP + 20
+    for i in range(n):
+        sim.submit(f"j{i}", at=T0 + 2 * HORIZON + i)
+    assert len(sim.ps.cold) == n  # type: ignore[arg-type]
+    sim.at(T0 + HORIZON + n)
+    assert len(sim.ps.jobs) == WARM_PER_STEP and len(sim.ps.cold) == 20  # type: ignore[arg-type]
+    assert sim.ps.next_due_ms() is not None and sim.ps.next_due_ms() <= sim.now  # more to do at once
+    sim.at(sim.now)
+    assert len(sim.ps.jobs) == n
+    fired = [r.nominal_ms for t in range(n) for r in ready(sim.at(T0 + 2 * HORIZON + t))]
+    assert fired == [T0 + 2 * HORIZON + i for i in range(n)]
