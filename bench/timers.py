@@ -10,7 +10,7 @@ the window starts only after a lead time meant to let the scheduler ingest them.
 Lateness of a firing = ``RunStarted.occurred_at_ms − nominal``: the worker's clock
 when the job started minus the time it was due — what a user of a scheduler cares
 about, and what Celery's side measures (task start − ETA).  The scheduler dispatches
-timed runs up to its lookahead (500 ms by default) ahead with ``not_before_ms`` and
+timed runs up to its lookahead (1 s by default) ahead with ``not_before_ms`` and
 the worker starts them on the instant, so this is not the dispatch time.  The bench
 reads the ready topics and the reports topic with ``isolation.level=read_committed``
 in a background thread, so only committed records count; it also reports the dispatch
@@ -180,7 +180,7 @@ def run(opts: RunOptions, machine: dict[str, Any]) -> dict[str, Any]:
                     "lead_s": round(lead_s, 1), "peak_due_per_s": max(per_second.values()) if per_second else 0,
                     "mean_due_per_s": round(n / window_s, 1), "schedulers": 1, "workers": 1,
                     "worker_concurrency": opts.concurrency, "executor": f"python {NOOP_TARGET}",
-                    "dispatch_lookahead_ms": int(os.environ.get("JOBSCHED_DISPATCH_LOOKAHEAD_MS") or 500),
+                    "dispatch_lookahead_ms": int(os.environ.get("JOBSCHED_DISPATCH_LOOKAHEAD_MS") or 1000),
                     "lateness": "RunStarted.occurred_at_ms (worker clock) - nominal time, first attempt; "
                                 "read_committed from the reports topic"},
             details={"all": all_stats, "one_off": stats(late_one), "cron": stats(late_cron),

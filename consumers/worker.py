@@ -25,7 +25,7 @@ Consumer group
     jobs running on the others are still committed.
 
 Runs dispatched ahead
-    The scheduler sends timed runs up to its dispatch lookahead (500 ms by default)
+    The scheduler sends timed runs up to its dispatch lookahead (1 s by default)
     before they are due, with ``not_before_ms`` set.  Such a record is held (not counted
     against ``prefetch``) and started on that instant: the consuming thread's poll
     timeout shrinks to the next held due time.  So a run starts on time however long

@@ -288,7 +288,7 @@ def _service_logging(json_logs: bool) -> None:
 @click.option("--metrics-port", type=int, default=0, help="Serve Prometheus metrics on this port.")
 @click.option("--lookahead-ms", type=click.IntRange(0, 30_000), default=None, envvar="JOBSCHED_DISPATCH_LOOKAHEAD_MS",
               help="Dispatch timed runs this long before they are due; workers start them on time "
-                   "[default: 500; 0 dispatches at the due time].")
+                   "[default: 1000; 0 dispatches at the due time].")
 @click.pass_context
 def scheduler(ctx: click.Context, instance: str | None, metrics_port: int, lookahead_ms: int | None) -> None:
     """Run one scheduler instance (run several: the others are standbys)."""

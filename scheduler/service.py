@@ -74,9 +74,10 @@ SLOW_TRANSACTION_S = float(os.environ.get("JOBSCHED_SLOW_TRANSACTION_S", "0.25")
 
 #: Timed runs go to the workers this long before they are due, so the scheduler's
 #: transaction and the workers' fetch are done by then; each worker holds a run until its
-#: ``not_before_ms`` and starts it on the instant.  Covers a transaction under load
-#: (p99 well under 500 ms in the benchmark) with room to spare.
-DEFAULT_DISPATCH_LOOKAHEAD_MS = 500
+#: ``not_before_ms`` and starts it on the instant.  Under load a transaction plus the
+#: fetch took over 500 ms now and then in the benchmark (the offsets round trip alone up
+#: to 340 ms); 1 s covers that with room to spare.
+DEFAULT_DISPATCH_LOOKAHEAD_MS = 1000
 
 
 class SchedulerService:
