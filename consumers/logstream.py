@@ -19,7 +19,12 @@ Cap
     At most ``cap_bytes`` raw bytes of output (all streams together) are kept per
     attempt.  Beyond that, output is counted and discarded; the caller keeps draining
     the pipes so the child never blocks on a full pipe.  When the attempt ends, ONE
-    system chunk says how much was dropped, then the final ``eof`` chunk follows.
+    system chunk says how much was dropped.
+
+End
+    The last chunk of a finished attempt carries ``eof=True`` (an attempt that wrote
+    nothing since its last chunk gets one empty ``system`` chunk with it).  An
+    interrupted attempt, which will run again elsewhere, ends without one.
 
 Sequence numbers
     ``seq`` counts 0, 1, 2 … per stream object, i.e. per (run_id, attempt).  Chunks are
@@ -32,7 +37,7 @@ from __future__ import annotations
 import codecs
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 from schemas.events import LogChunk
@@ -176,7 +181,7 @@ class LogStream:
                 self._flush_all(final=False)
 
     def close(self, *, eof: bool = True) -> None:
-        """Flush, say what the cap dropped, and (normally) send the ``eof`` chunk.
+        """Flush, say what the cap dropped, and (normally) mark the last chunk ``eof``.
 
         ``eof=False`` is for an attempt that was interrupted and will run again
         elsewhere: its log is not complete, so nobody should stop following it.
@@ -184,15 +189,32 @@ class LogStream:
         with self._lock:
             if self._closed:
                 return
-            self._flush_all(final=True)
-            if self.discarded_bytes:
-                self._send(
-                    "system",
-                    f"[output truncated at {self._cap} bytes; {self.discarded_bytes} more bytes discarded]",
-                    eof=False,
-                )
+            sink = self._sink
+            last: list[LogChunk] = []
             if eof:
-                self._send("system", "", eof=True)
+                # Hold back the last chunk so that it carries the eof flag itself: one record
+                # per attempt fewer than a separate empty eof chunk.
+                def hold(chunk: LogChunk) -> None:
+                    if last:
+                        sink(last.pop())
+                    last.append(chunk)
+
+                self._sink = hold
+            try:
+                self._flush_all(final=True)
+                if self.discarded_bytes:
+                    self._send(
+                        "system",
+                        f"[output truncated at {self._cap} bytes; {self.discarded_bytes} more bytes discarded]",
+                        eof=False,
+                    )
+            finally:
+                self._sink = sink
+            if eof:
+                if last:
+                    sink(replace(last[0], eof=True))
+                else:
+                    self._send("system", "", eof=True)
             self._closed = True
 
     # -- internals (lock held) --------------------------------------------------------

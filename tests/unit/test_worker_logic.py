@@ -228,14 +228,24 @@ def test_chunks_are_bounded_numbered_and_end_with_eof() -> None:
     s.write("stdout", b"0123456789abcdefghij-tail")
     assert [c.data for c in out] == ["0123456789", "abcdefghij"]  # full chunks leave at once
     s.close()
-    assert [c.data for c in out] == ["0123456789", "abcdefghij", "-tail", ""]
-    assert [c.seq for c in out] == [0, 1, 2, 3]
-    assert [c.eof for c in out] == [False, False, False, True] and out[-1].stream == "system"
+    assert [c.data for c in out] == ["0123456789", "abcdefghij", "-tail"]
+    assert [c.seq for c in out] == [0, 1, 2]
+    assert [c.eof for c in out] == [False, False, True]  # the last chunk carries eof itself
     c = out[0]
     assert (c.job_id, c.run_id, c.attempt, c.user_id, c.tenant_id) == ("j", "j@1", 2, "alice", "acme")
     assert s.kept_bytes == 25 and not s.truncated
     s.write("stdout", b"late")  # after close: ignored
-    assert len(out) == 4
+    assert len(out) == 3
+
+
+def test_an_attempt_with_no_pending_output_ends_with_an_empty_eof_chunk() -> None:
+    s, out, _ = _stream(chunk_bytes=4)
+    s.write("stdout", b"abcd")  # left as a full chunk at once: nothing pending at close
+    s.close()
+    assert [(c.stream, c.data, c.eof, c.seq) for c in out] == [("stdout", "abcd", False, 0), ("system", "", True, 1)]
+    silent, out2, _ = _stream()
+    silent.close()
+    assert [(c.stream, c.data, c.eof) for c in out2] == [("system", "", True)]
 
 
 def test_small_output_is_flushed_after_the_interval() -> None:
@@ -275,7 +285,9 @@ def test_cap_keeps_a_prefix_and_says_once_how_much_was_dropped() -> None:
     assert sorted(kept) == sorted("12345678ab")
     system = [c.data for c in out if c.stream == "system"]
     assert system == ["[a worker note is outside the cap]",
-                      "[output truncated at 10 bytes; 100004 more bytes discarded]", ""]
+                      "[output truncated at 10 bytes; 100004 more bytes discarded]"]
+    assert [c.eof for c in out][-1] and sum(c.eof for c in out) == 1
+    assert out[-1].data.startswith("[output truncated")
     assert s.kept_bytes == 10 and s.discarded_bytes == 100004 and s.truncated
 
 
