@@ -20,8 +20,10 @@ Executors never raise for a job's failure: every end is an :class:`Outcome`
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import os
+import queue
 import selectors
 import signal
 import subprocess
@@ -373,35 +375,79 @@ def _opener() -> urllib.request.OpenerDirector:
     return opener
 
 
+class _Callers:
+    """Daemon threads that run background calls, reused from one call to the next.
+
+    A thread per call would cost a thread start (and its locks) per job.  A call that
+    never returns keeps its thread; a new one is started whenever none is idle, and an
+    idle thread exits after ``idle_s`` without work.
+    """
+
+    def __init__(self, idle_s: float = 60.0) -> None:
+        self._work: queue.SimpleQueue[_Background] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._idle_s = idle_s
+        self._n = itertools.count(1)
+
+    def submit(self, bg: "_Background") -> None:
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1
+        self._work.put(bg)
+        if start:
+            threading.Thread(target=self._serve, name=f"jobsched-call-{next(self._n)}", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                bg = self._work.get(timeout=self._idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0 and self._work.empty():
+                        self._idle -= 1
+                        return
+                continue  # a call was handed over just now: take it
+            bg.run()
+            with self._lock:
+                self._idle += 1
+
+
+_CALLERS = _Callers()
+
+
 class _Background:
     """A call on a daemon thread, so the executor's thread can keep ticking and give up on it."""
 
-    def __init__(self, fn: Callable[[], Any], name: str, on_done: Callable[[], None] | None = None) -> None:
+    def __init__(self, fn: Callable[[], Any], name: str, on_done: Callable[[], None] | None = None,
+                 callers: _Callers | None = None) -> None:
         self.result: Any = None
         self.error: BaseException | None = None
         self.error_tb: str = ""
+        self.name = name
         self._fn = fn
         self._on_done = on_done
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
+        self.finished = False
+        (callers or _CALLERS).submit(self)
 
-    def _run(self) -> None:
+    def run(self) -> None:
         try:
             self.result = self._fn()
         except BaseException as e:  # noqa: BLE001 - reported as the job's failure
             self.error = e
             self.error_tb = traceback.format_exc()
         finally:
-            self.done.set()  # before the wake-up, so the waiter sees it when it wakes
+            self._fn = None  # type: ignore[assignment]  # nothing of the job stays on the thread
+            self.finished = True  # before the wake-up, so the waiter sees it when it wakes
             if self._on_done is not None:
                 self._on_done()
 
     def wait(self, ctx: RunContext) -> Ending | None:
         """Tick until the call returns (None) or the attempt must end (why)."""
-        while not self.done.is_set():
+        while not self.finished:
             why = ctx.wait(0.05)
-            if why is not None and not self.done.is_set():
+            if why is not None and not self.finished:
                 return why
         return None
 

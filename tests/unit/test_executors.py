@@ -289,3 +289,30 @@ def test_wake_ends_an_executor_wait_before_its_tick() -> None:
     assert returned.wait(30)  # woke long before its 600 s
     t.join()
     assert ctx.ending() is None  # a wake is not a stop
+
+
+def test_background_calls_reuse_threads_and_a_stuck_call_blocks_no_other() -> None:
+    from consumers.executors import _Background, _Callers
+
+    callers = _Callers(idle_s=0.5)
+    release = threading.Event()
+    seen: list[str] = []
+
+    def call(fn: Any) -> _Background:
+        return _Background(fn, "t", callers=callers)
+
+    stuck = call(lambda: release.wait(10))
+    quick = [call(lambda: seen.append(threading.current_thread().name)) for _ in range(20)]
+    deadline = time.monotonic() + 5
+    while not all(b.finished for b in quick):
+        assert time.monotonic() < deadline, "calls waited behind a stuck one"
+        time.sleep(0.01)
+    assert not stuck.finished
+    assert len(set(seen)) < 20  # threads were reused, not one per call
+    release.set()
+    deadline = time.monotonic() + 5
+    while not stuck.finished:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(1.5)  # idle threads leave
+    assert not [t for t in threading.enumerate() if t.name in seen and t.is_alive()]
