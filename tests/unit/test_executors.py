@@ -296,13 +296,13 @@ def test_background_calls_reuse_threads_and_a_stuck_call_blocks_no_other() -> No
 
     callers = _Callers(idle_s=0.5)
     release = threading.Event()
-    seen: list[str] = []
+    seen: list[threading.Thread] = []
 
     def call(fn: Any) -> _Background:
         return _Background(fn, "t", callers=callers)
 
     stuck = call(lambda: release.wait(10))
-    quick = [call(lambda: seen.append(threading.current_thread().name)) for _ in range(20)]
+    quick = [call(lambda: seen.append(threading.current_thread())) for _ in range(20)]
     deadline = time.monotonic() + 5
     while not all(b.finished for b in quick):
         assert time.monotonic() < deadline, "calls waited behind a stuck one"
@@ -314,5 +314,7 @@ def test_background_calls_reuse_threads_and_a_stuck_call_blocks_no_other() -> No
     while not stuck.finished:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    time.sleep(1.5)  # idle threads leave
-    assert not [t for t in threading.enumerate() if t.name in seen and t.is_alive()]
+    deadline = time.monotonic() + 5
+    while any(t.is_alive() for t in set(seen)):  # idle threads leave after idle_s
+        assert time.monotonic() < deadline, "idle caller threads did not exit"
+        time.sleep(0.05)
