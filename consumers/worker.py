@@ -38,9 +38,9 @@ Offsets (at-least-once)
     worker commits the lowest offset not yet finished — never past a record that is
     buffered, held or running: asynchronously, at most every 0.2 s, while it runs (a
     failed commit is retried), and synchronously when partitions are revoked and at
-    shutdown.  Offsets of partitions this worker no longer owns are never committed.  A worker killed with SIGKILL therefore gets its running
-    and buffered records redelivered to another member; the scheduler fences results
-    of superseded attempts.
+    shutdown.  Offsets of partitions this worker no longer owns are never committed.
+    A worker killed with SIGKILL therefore gets its running and buffered records
+    redelivered to another member; the scheduler fences results of superseded attempts.
 
 Cancel
     A ``RunCancelRequested`` on ``jobs.control`` addressed to this worker's id, or to

@@ -159,6 +159,14 @@ class FileColdStore:
         body = os.pread(self._fd, size - 10, off + _HEAD.size)
         return due, body[:jlen].decode(), body[jlen:], 4 + size
 
+    def _read_id(self, off: int) -> str:
+        """The job id of the record at ``off``, without its data (one read for ids up to 64 bytes)."""
+        buf = os.pread(self._fd, _HEAD.size + 64, off)
+        jlen = _HEAD.unpack_from(buf)[2]
+        if jlen > 64:
+            buf = os.pread(self._fd, _HEAD.size + jlen, off)
+        return buf[_HEAD.size:_HEAD.size + jlen].decode()
+
     def _dead(self, off: int) -> None:
         head = os.pread(self._fd, _HEAD.size, off)
         self._live -= 4 + _HEAD.unpack(head)[0]
@@ -205,7 +213,7 @@ class FileColdStore:
         heap = self._heap
         key: int | None = None
         while heap:
-            _, jid, _, _ = self._read(heap[0] & _OFFSET_MASK)
+            jid = self._read_id(heap[0] & _OFFSET_MASK)
             if self._index.get(_compact_id(jid)) == heap[0]:
                 key = heap[0]
                 break
@@ -224,7 +232,7 @@ class FileColdStore:
         while heap and heap[0] <= last and (limit is None or len(out) < limit):
             self._changes += 1
             key = heapq.heappop(heap)
-            _, jid, _, _ = self._read(key & _OFFSET_MASK)
+            jid = self._read_id(key & _OFFSET_MASK)
             if self._index.get(_compact_id(jid)) == key:
                 out.append(jid)
         return out

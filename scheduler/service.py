@@ -368,12 +368,12 @@ class SchedulerService:
                 # so (a header with the due time), so a new owner files them cold undecoded.
                 cooled = ps.settle(now, encoded)
                 for jid, rec in dirty:
+                    headers = None
                     if jid in cooled:
                         assert rec is not None and rec.next_fire_ms is not None
-                        producer.produce(state_topic, key=jid.encode(), value=encoded[jid], partition=p,
-                                         headers=[(COLD_DUE_HEADER, str(rec.next_fire_ms).encode())])
-                    else:
-                        producer.produce(state_topic, key=jid.encode(), value=encoded.get(jid), partition=p)
+                        headers = [(COLD_DUE_HEADER, str(rec.next_fire_ms).encode())]
+                    producer.produce(state_topic, key=jid.encode(), value=encoded.get(jid), partition=p,
+                                     headers=headers)
             # Offsets go into every transaction, timer-only ones too: the group coordinator
             # then fences a zombie whose partitions moved on (KIP-447) — no double dispatch.
             t_produced = time.monotonic()

@@ -224,8 +224,8 @@ class PartitionState:
             if job is None:
                 continue
             data = encoded.get(jid)
-            if self.cold is not None and data is not None and self._coolable(job, now):
-                assert job.next_fire_ms is not None
+            if data is not None and self._coolable(job, now):
+                assert self.cold is not None and job.next_fire_ms is not None
                 self.cold.put(jid, job.next_fire_ms, data)
                 del self.jobs[jid]
                 cooled.add(jid)
@@ -370,7 +370,7 @@ class PartitionState:
             return
         if job.next_fire_ms <= now:
             self._on_fire(job, job.next_fire_ms, now, out)
-        elif self.cold is not None and job.next_fire_ms > now + self.config.cold_horizon_ms and not job.runs:
+        elif self.cold is not None and self._coolable(job, now):
             self._to_cool.add(job.job_id)  # settle() cools it, or arms it if it no longer qualifies
         else:
             self._push(job.next_fire_ms, FIRE, job.job_id)

@@ -100,3 +100,13 @@ def test_due_until_takes_at_most_the_limit_earliest_first(store) -> None:  # typ
     for j in ("j9", "j8", "j7"):
         store.take(j)
     assert store.due_until(2000, limit=3) == ["j6", "j5", "j4"]
+
+
+def test_long_ids_are_read_back_whole(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = FileColdStore(tmp_path)
+    long_id = "nightly-" + "x" * 200
+    s.put(long_id, 50, b"data")
+    s.put("short", 60, b"s")
+    assert s.next_due_ms() == 50 and s.due_until(55) == [long_id]
+    assert s.take(long_id) == b"data" and s.next_due_ms() == 60
+    s.close()
