@@ -93,7 +93,6 @@ class RunContext:
         self._deadline = None if timeout is None else clock() + timeout
         #: Called on every tick of the executor's wait loop (the worker sends heartbeats).
         self.on_tick = on_tick
-        self._stop = threading.Event()
         #: Set to cut a wait short: by a stop request, or by a helper thread that finished.
         self._wake = threading.Event()
         self._stop_reason: StopReason | None = None
@@ -108,7 +107,6 @@ class RunContext:
             if self._stop_reason is not None:
                 return False
             self._stop_reason, self._stop_message = reason, message
-        self._stop.set()
         self._wake.set()
         return True
 

@@ -53,14 +53,19 @@ def new_id() -> str:
 
 _EVENT_PREFIX = f"{uuid.uuid4().hex[:16]}-"
 _EVENT_COUNTER = itertools.count()
-_EVENT_PID = os.getpid()
+
+
+def _new_event_prefix() -> None:
+    """A forked child must not repeat its parent's ids: it draws a prefix of its own."""
+    global _EVENT_PREFIX
+    _EVENT_PREFIX = f"{uuid.uuid4().hex[:16]}-"
+
+
+os.register_at_fork(after_in_child=_new_event_prefix)
 
 
 def next_event_id() -> str:
     """A unique event id, cheaper than a UUID: a random per-process prefix and a counter."""
-    global _EVENT_PREFIX, _EVENT_PID
-    if os.getpid() != _EVENT_PID:  # a forked child must not repeat its parent's ids
-        _EVENT_PREFIX, _EVENT_PID = f"{uuid.uuid4().hex[:16]}-", os.getpid()
     return f"{_EVENT_PREFIX}{next(_EVENT_COUNTER)}"
 
 
