@@ -357,7 +357,7 @@ class SchedulerService:
                     dispatched += 1
                     due = ev.not_before_ms or ev.nominal_ms  # type: ignore[attr-defined]
                     LATENESS.observe(max(0, ev.occurred_at_ms - due) / 1000)  # type: ignore[attr-defined]
-                producer.poll(0)
+            producer.poll(0)
             state_topic = self.settings.state_topic
             for p, ps in self.states.items():
                 dirty = ps.take_dirty()

@@ -7,7 +7,7 @@ One loop, one consumer group (``jobsched-projector-pg``)::
            lock this consumer's offset rows for the batch's partitions (fencing)
            drop records below the stored offsets (already applied)
            decode + fold the rest in memory (pure: :class:`Batch`)
-           INSERT … SELECT FROM unnest(…) ON CONFLICT DO UPDATE   — one statement per table
+           COPY rows to staging tables; INSERT … SELECT … ON CONFLICT DO UPDATE per table
            store next offset per partition
       └─ commit; then commit the same offsets to Kafka (lag monitoring only)
 
@@ -553,7 +553,7 @@ class PostgresProjector:
         *,
         consumer_name: str | None = None,
         kafka_group: str | None = None,
-        batch_size: int = 1000,
+        batch_size: int = 4000,
         poll_timeout: float = 0.2,
         run_migrations: bool = True,
         codec: Codec | None = None,
