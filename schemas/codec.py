@@ -85,13 +85,11 @@ class _Shape:
         self.unions: dict[str, str] = {}
         for f in schema["fields"]:
             typ = f["type"]
-            if isinstance(typ, list):
-                for b in typ:
-                    if isinstance(b, dict) and b.get("type") == "record":
-                        self.unions[f["name"]] = b["name"]
             for b in typ if isinstance(typ, list) else [typ]:
                 if isinstance(b, dict) and b.get("type") == "record":
                     self.nested[f["name"]] = VALUE_TYPES[b["name"]]
+                    if isinstance(typ, list):
+                        self.unions[f["name"]] = b["name"]
                 elif isinstance(b, dict) and b.get("type") == "array" and isinstance(b["items"], dict) \
                         and b["items"].get("type") == "record":
                     self.lists[f["name"]] = VALUE_TYPES[b["items"]["name"]]

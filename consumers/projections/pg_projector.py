@@ -31,7 +31,7 @@ import shlex
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import orjson
 import psycopg
@@ -472,43 +472,44 @@ SET next_offset = GREATEST(p.next_offset, excluded.next_offset), updated_at = no
 """)
 
 
+def _job_values(j: JobRow) -> tuple[Any, ...]:
+    return (j.job_id, j.tenant_id, j.user_id, j.name, j.status, j.reason, j.attempts, j.last_run_id, j.queue,
+            j.priority, j.executor_kind, j.command, j.schedule_at_ms, j.cron, j.timezone, j.spec_json, j.labels_json,
+            j.created_ms, j.updated_ms, j.next_fire_ms, j.finished_ms, j.partition, j.offset,
+            list(j.after) if j.after else None)
+
+
+def _run_values(r: RunRow) -> tuple[Any, ...]:
+    return (r.run_id, r.attempt, r.job_id, r.nominal_ms, r.status, r.worker_id, r.exit_code, r.reason, r.queued_ms,
+            r.started_ms, r.finished_ms, r.retry_ms, r.updated_ms, r.partition, r.offset)
+
+
+def _audit_values(a: AuditRow) -> tuple[Any, ...]:
+    return (a.event_id, a.job_id, a.run_id, a.type, a.status, a.user_id, a.tenant_id, a.occurred_ms, a.topic,
+            a.partition, a.offset, a.payload_json)
+
+
 def write_batch(conn: Connection, batch: Batch) -> None:
     """Write a folded batch: rows COPYed to staging, then one guarded upsert per table."""
-    if not (batch.jobs or batch.runs or batch.audit):
+    stages = [(table, rows, values, sql) for table, rows, values, sql in (
+        ("jobs_stage", batch.jobs, _job_values, _JOBS_SQL),
+        ("runs_stage", batch.runs, _run_values, _RUNS_SQL),
+        ("audit_stage", batch.audit, _audit_values, _AUDIT_SQL),
+    ) if rows]
+    if not stages:
         return
     raw = conn.connection.driver_connection  # the psycopg connection, inside our transaction
-    apply: list[str] = []
+    apply = ";".join(sql for _, _, _, sql in stages)
     try:
         with raw.cursor() as cur:
             cur.execute(_STAGE_DDL)
-            if batch.jobs:
-                with cur.copy("COPY jobs_stage FROM STDIN") as copy:
-                    for j in batch.jobs.values():
-                        copy.write_row((
-                            j.job_id, j.tenant_id, j.user_id, j.name, j.status, j.reason, j.attempts,
-                            j.last_run_id, j.queue, j.priority, j.executor_kind, j.command, j.schedule_at_ms, j.cron,
-                            j.timezone, j.spec_json, j.labels_json, j.created_ms, j.updated_ms, j.next_fire_ms,
-                            j.finished_ms, j.partition, j.offset, list(j.after) if j.after else None,
-                        ))
-                apply.append(_JOBS_SQL)
-            if batch.runs:
-                with cur.copy("COPY runs_stage FROM STDIN") as copy:
-                    for r in batch.runs.values():
-                        copy.write_row((
-                            r.run_id, r.attempt, r.job_id, r.nominal_ms, r.status, r.worker_id, r.exit_code,
-                            r.reason, r.queued_ms, r.started_ms, r.finished_ms, r.retry_ms, r.updated_ms,
-                            r.partition, r.offset,
-                        ))
-                apply.append(_RUNS_SQL)
-            if batch.audit:
-                with cur.copy("COPY audit_stage FROM STDIN") as copy:
-                    for a in batch.audit.values():
-                        copy.write_row((a.event_id, a.job_id, a.run_id, a.type, a.status, a.user_id, a.tenant_id,
-                                        a.occurred_ms, a.topic, a.partition, a.offset, a.payload_json))
-                apply.append(_AUDIT_SQL)
-            cur.execute(";".join(apply))
+            for table, rows, values, _ in stages:
+                with cur.copy(f"COPY {table} FROM STDIN") as copy:
+                    for row in rows.values():
+                        copy.write_row(values(row))
+            cur.execute(apply)
     except psycopg.Error as e:  # surface as SQLAlchemy's classes, like every other statement
-        raise DBAPIError.instance(";".join(apply) or _STAGE_DDL, None, e, psycopg.Error) from e
+        raise DBAPIError.instance(apply, None, e, psycopg.Error) from e
 
 
 def load_offsets(conn: Connection, consumer: str) -> dict[tuple[str, int], int]:
