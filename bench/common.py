@@ -635,7 +635,8 @@ class ReadyTail(threading.Thread):
     """Reads ``RunReady`` records of the ready topics (read_committed) in the background:
     (run_id, attempt, partition, occurred_at_ms, nominal_ms, received_ms) each.  With
     ``starts=True`` it also reads the reports topic: ``starts`` holds (run_id, attempt,
-    RunStarted.occurred_at_ms) of every start a worker reported."""
+    start time) of every start a worker reported: ``RunStarted.occurred_at_ms``, or the
+    ``started_at_ms`` of a ``RunFinished`` that ``implies_start``."""
 
     def __init__(self, settings: Any, queues: Sequence[str] = ("default",), *, starts: bool = False) -> None:
         super().__init__(name="ready-tail", daemon=True)
@@ -660,7 +661,7 @@ class ReadyTail(threading.Thread):
         self._c.subscribe(topics, on_assign=lambda c, tps: self.started.set())
 
     def run(self) -> None:
-        from schemas.events import RunReady, RunStarted
+        from schemas.events import RunFinished, RunReady, RunStarted
 
         try:
             while not self._halt.is_set():
@@ -678,6 +679,9 @@ class ReadyTail(threading.Thread):
                                           recv))
                     elif isinstance(ev, RunStarted):
                         self.starts.append((ev.run_id, ev.attempt, ev.occurred_at_ms))
+                    elif isinstance(ev, RunFinished) and ev.implies_start and ev.started_at_ms is not None:
+                        # Ended within the worker's start-report delay: this record is the start.
+                        self.starts.append((ev.run_id, ev.attempt, ev.started_at_ms))
         finally:
             self._c.close()
 

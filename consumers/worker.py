@@ -32,6 +32,14 @@ Runs dispatched ahead
     the scheduler's transaction or the fetch took, as long as they took less than the
     lookahead.  The worker's clock decides; keep hosts NTP-synchronised.
 
+Start reports
+    An attempt's ``RunStarted`` goes out ``start_report_delay`` seconds (0.2 by default)
+    after it started, if it still runs then (or with its first heartbeat).  One that
+    ends sooner sends only its ``RunFinished``, with ``implies_start`` and
+    ``started_at_ms``: the scheduler takes it as the start and the end at once.  Short
+    jobs cost one report and one status event less; the started time is exact either
+    way.  ``0`` reports every start at once.
+
 Offsets (at-least-once)
     A record's offset counts as finished once the ``RunFinished`` for it has been
     acknowledged by Kafka (or it went to the dead-letter topic).  Per partition the
@@ -71,7 +79,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -139,6 +147,8 @@ _CANCELLED_MEMORY = 10_000
 #: Consumer settings the worker relies on and will not let an override change.
 _FIXED_CONSUMER_KEYS = frozenset({"group.id", "enable.auto.commit", "enable.auto.offset.store", "isolation.level"})
 _POLL_TIMEOUT = 0.1
+#: Seconds before a running attempt's start is reported (see "Start reports" above).
+DEFAULT_START_REPORT_DELAY = 0.2
 #: Routine (asynchronous) offset commits at most this often, in seconds.
 _COMMIT_INTERVAL = 0.2
 
@@ -442,6 +452,11 @@ class _Run:
     heartbeat_interval: float
     future: Future[None] | None = None
     last_heartbeat: float = field(default_factory=time.monotonic)
+    #: When the attempt started (worker clock), and whether its RunStarted went out; the
+    #: lock makes "report the start" and "end without reporting it" mutually exclusive.
+    started_ms: int = 0
+    start_sent: bool = False
+    start_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def ready(self) -> RunReady:
@@ -468,6 +483,7 @@ class Worker:
         concurrency: int = 4,
         allow: frozenset[str] = DEFAULT_ALLOW,
         heartbeat_interval: float = 5.0,
+        start_report_delay: float = DEFAULT_START_REPORT_DELAY,
         log_cap_bytes: int = 10 * 1024 * 1024,
         grace: float = 30.0,
         worker_id: str | None = None,
@@ -501,6 +517,8 @@ class Worker:
                              f"known: {', '.join(EXECUTOR_KINDS)}")
         if not heartbeat_interval > 0:
             raise ValueError(f"heartbeat_interval must be > 0 seconds, got {heartbeat_interval!r}")
+        if not start_report_delay >= 0:
+            raise ValueError(f"start_report_delay must be >= 0 seconds, got {start_report_delay!r}")
         if isinstance(log_cap_bytes, bool) or not isinstance(log_cap_bytes, int) or log_cap_bytes < 0:
             raise ValueError(f"log_cap_bytes must be an integer >= 0, got {log_cap_bytes!r}")
         if not grace >= 0:
@@ -529,6 +547,7 @@ class Worker:
         self.concurrency = concurrency
         self.allow = allow
         self.heartbeat_interval = float(heartbeat_interval)
+        self.start_report_delay = float(start_report_delay)
         self.log_cap_bytes = log_cap_bytes
         self.grace = float(grace)
         self.worker_id = worker_id or new_worker_id()
@@ -559,6 +578,8 @@ class Worker:
         self._buffer = ReadyBuffer()
         self._held = HeldRuns()
         self._running: dict[int, _Run] = {}
+        # Started attempts whose RunStarted is not out yet, oldest first: (when to send it, run).
+        self._unreported: deque[tuple[float, _Run]] = deque()
         self._tokens = itertools.count()
         self._paused: set[TP] = set()
         self._flow_key: tuple[frozenset[str], frozenset[TP]] | None = None
@@ -655,6 +676,7 @@ class Worker:
             self._on_message(msg, accept=accept)
         self._poll_control(control)
         self._reap()
+        self._report_starts()
         self._drain_events()
         if pool is not None:
             for rec in self._held.pop_due(now_ms()):
@@ -848,13 +870,17 @@ class Worker:
         ready, rec, log = run.ready, run.record, run.bound
         kind = ready.executor.kind
         queue_name = self._topic_queue[rec.tp[0]]
-        started_ms = now_ms()
+        started_ms = run.started_ms = now_ms()
         t0 = time.monotonic()
         self._metrics.started.labels(queue_name, kind).inc()
         if ready.not_before_ms is not None:
             self._metrics.start_lateness.observe(max(0, started_ms - ready.not_before_ms) / 1000)
-        self._produce(self.settings.reports_topic, ready.job_id,
-                      RunStarted(**self._ids(ready), worker_id=self.worker_id, occurred_at_ms=started_ms))
+        if self.start_report_delay > 0:
+            # Reported by the consuming thread once the delay is over, unless the attempt
+            # has ended by then: its RunFinished then stands for the start too.
+            self._unreported.append((t0 + self.start_report_delay, run))
+        else:
+            self._send_start(run)
         # Per-run lines are DEBUG: at thousands of jobs per second they cost more CPU than
         # the jobs; outcomes are in jobs.events, counts in the metrics, failures below.
         log.debug("run started", executor=kind, timeout_ms=ready.timeout_ms)
@@ -875,10 +901,13 @@ class Worker:
             log.warning("run interrupted by shutdown; offset left uncommitted for redelivery")
             return
         run.log.close(eof=True)
+        with run.start_lock:
+            implies_start = not run.start_sent
+            run.start_sent = True  # no RunStarted after this
         finished = self._finished(
             ready, outcome=outcome.outcome, exit_code=outcome.exit_code, reason=outcome.reason,
             started_at_ms=started_ms, finished_at_ms=finished_ms,
-            log_bytes=run.log.kept_bytes, log_truncated=run.log.truncated,
+            log_bytes=run.log.kept_bytes, log_truncated=run.log.truncated, implies_start=implies_start,
         )
         deliveries = run.deliveries
 
@@ -907,10 +936,29 @@ class Worker:
             "JOBSCHED_WORKER_ID": self.worker_id,
         }
 
+    def _send_start(self, run: _Run) -> None:
+        """Report the attempt's start, unless it is out already or the attempt has ended."""
+        with run.start_lock:
+            if run.start_sent:
+                return
+            run.start_sent = True
+            self._produce(self.settings.reports_topic, run.ready.job_id,
+                          RunStarted(**self._ids(run.ready), worker_id=self.worker_id, occurred_at_ms=run.started_ms))
+
+    def _report_starts(self) -> None:
+        """RunStarted for the attempts still running past the start-report delay."""
+        pending = self._unreported
+        if not pending:
+            return
+        now = time.monotonic()
+        while pending and pending[0][0] <= now:
+            self._send_start(pending.popleft()[1])
+
     def _heartbeat(self, run: _Run) -> None:
         now = time.monotonic()
         if now - run.last_heartbeat >= run.heartbeat_interval:
             run.last_heartbeat = now
+            self._send_start(run)  # never a heartbeat before the start
             self._produce(self.settings.reports_topic, run.ready.job_id,
                           RunHeartbeat(**self._ids(run.ready), worker_id=self.worker_id))
 

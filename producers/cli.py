@@ -307,8 +307,13 @@ def scheduler(ctx: click.Context, instance: str | None, metrics_port: int, looka
 @click.option("--concurrency", type=click.IntRange(1, 1024), default=4, show_default=True, help="Jobs run at once.")
 @click.option("--allow", default="shell,http", show_default=True, help="Executors this worker may run (shell,http,python).")
 @click.option("--metrics-port", type=int, default=0, help="Serve Prometheus metrics on this port.")
+@click.option("--start-report-delay-ms", type=click.IntRange(0, 60_000), default=200, show_default=True,
+              envvar="JOBSCHED_START_REPORT_DELAY_MS",
+              help="Report a start this long after it, if the job still runs; shorter jobs report start and end "
+                   "in one record. 0 reports every start at once.")
 @click.pass_context
-def worker(ctx: click.Context, queues: tuple[str, ...], concurrency: int, allow: str, metrics_port: int) -> None:
+def worker(ctx: click.Context, queues: tuple[str, ...], concurrency: int, allow: str, metrics_port: int,
+           start_report_delay_ms: int) -> None:
     """Run a worker that executes jobs from the given queues."""
     from consumers.worker import Worker
     from infra.metrics import serve
@@ -318,7 +323,8 @@ def worker(ctx: click.Context, queues: tuple[str, ...], concurrency: int, allow:
     serve(metrics_port)
     allowed = frozenset(a.strip() for a in allow.split(",") if a.strip())
     try:
-        w = Worker(_settings(ctx), queues=tuple(queues), concurrency=concurrency, allow=allowed)
+        w = Worker(_settings(ctx), queues=tuple(queues), concurrency=concurrency, allow=allowed,
+                   start_report_delay=start_report_delay_ms / 1000)
     except ValueError as e:
         raise ValidationError(str(e)) from e
     run_until_signalled(w)

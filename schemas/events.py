@@ -12,7 +12,8 @@ Topics and keys::
                                   UpstreamResolved (key downstream)
     jobs.reports   key job_id     RunStarted, RunHeartbeat, RunFinished        (workers)
     jobs.ready.*   key job_id     RunReady                                     (scheduler)
-    jobs.events    key job_id     JobStatusChanged, RunStatusChanged           (scheduler)
+    jobs.events    key job_id     JobStatusChanged, RunStatusChanged           (scheduler;
+                                  a job change made with a run's rides on it)
     jobs.logs      key run_id     LogChunk                                     (workers)
     jobs.control   key worker_id  RunCancelRequested                           (scheduler)
 """
@@ -24,7 +25,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Iterable, Literal
 
 JobStatus = Literal["pending", "queued", "running", "completed", "failed", "cancelled", "paused"]
 JOB_STATUSES: tuple[str, ...] = ("pending", "queued", "running", "completed", "failed", "cancelled", "paused")
@@ -258,6 +259,9 @@ class RunFinished(RunEvent):
     finished_at_ms: int | None = None
     log_bytes: int = 0
     log_truncated: bool = False
+    #: No RunStarted was sent (the attempt ended within the worker's start-report delay):
+    #: this record also stands for RunStarted(worker_id, occurred_at_ms=started_at_ms).
+    implies_start: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -300,6 +304,35 @@ class RunStatusChanged(RunEvent):
     started_at_ms: int | None = None
     finished_at_ms: int | None = None
     retry_at_ms: int | None = None
+    #: Set when the job's status changed in the same step as this attempt's: the event
+    #: then also stands for a :class:`JobStatusChanged` (see :meth:`job_change`).
+    job_status: str | None = None
+    job_reason: str | None = None
+    job_attempts: int | None = None
+    job_next_fire_ms: int | None = None
+
+    def job_change(self) -> JobStatusChanged | None:
+        """The job status change this event carries, as a :class:`JobStatusChanged`, or None."""
+        if self.job_status is None:
+            return None
+        return JobStatusChanged(
+            event_id=self.event_id, occurred_at_ms=self.occurred_at_ms, user_id=self.user_id,
+            tenant_id=self.tenant_id, job_id=self.job_id, status=self.job_status, reason=self.job_reason,
+            attempts=self.job_attempts or 0, run_id=self.run_id, next_fire_ms=self.job_next_fire_ms)
+
+
+def job_changes(events: Iterable[Event]) -> list[JobStatusChanged]:
+    """Every job status change in ``events``, in order: each ``JobStatusChanged``, and the
+    change a ``RunStatusChanged`` carries (``job_status``)."""
+    out: list[JobStatusChanged] = []
+    for e in events:
+        if isinstance(e, JobStatusChanged):
+            out.append(e)
+        elif isinstance(e, RunStatusChanged) and e.job_status is not None:
+            change = e.job_change()
+            assert change is not None
+            out.append(change)
+    return out
 
 
 #: Every concrete event class, by Avro full name.

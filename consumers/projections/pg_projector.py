@@ -301,7 +301,12 @@ class Batch:
             applied = True
         elif isinstance(event, RunStatusChanged):
             new = run_row(event, partition, offset)
+            change = event.job_change()
+            job = job_row(change, partition, offset) if change is not None else None  # may raise: before any change
             applied = self._add_run(new)
+            if job is not None:
+                self.jobs[job.job_id] = merge_job(self.jobs.get(job.job_id), job)
+                applied = True
         else:
             self.ignored += 1
             return False

@@ -85,6 +85,12 @@ class Tail:
     def of(self, cls: type) -> list[Any]:
         return [e for _, e in self.events if isinstance(e, cls)]
 
+    def job_changes(self) -> list[Any]:
+        """Every job status change seen, alone or riding on a run event, in order."""
+        from schemas.events import job_changes
+
+        return job_changes(e for _, e in self.events)
+
     def close(self) -> None:
         self._c.close()
 
@@ -137,9 +143,7 @@ class Reporter:
 
 
 def statuses(tail: Tail, job_id: str) -> list[str]:
-    from schemas.events import JobStatusChanged
-
-    return [e.status for e in tail.of(JobStatusChanged) if e.job_id == job_id]
+    return [e.status for e in tail.job_changes() if e.job_id == job_id]
 
 
 def final_status(tail: Tail, job_id: str) -> str | None:

@@ -38,7 +38,7 @@ import pytest
 from harness import InThread, Reporter, Tail, isolated
 from infra.config import Settings
 from producers.client import JobClient
-from schemas.events import JobStatusChanged, RunReady, RunStatusChanged, new_id, now_ms, run_id_for
+from schemas.events import RunReady, RunStatusChanged, new_id, now_ms, run_id_for
 
 pytestmark = pytest.mark.integration
 
@@ -199,7 +199,7 @@ class Load:
 
 def _final(tail: Tail) -> dict[str, str]:
     out: dict[str, str] = {}
-    for e in tail.of(JobStatusChanged):
+    for e in tail.job_changes():
         out[e.job_id] = e.status
     return out
 
@@ -353,7 +353,7 @@ def test_a_killed_scheduler_loses_and_duplicates_nothing(stack_settings: Setting
 
     # --- exactly once on the events topic --------------------------------------------
     status_seq: dict[str, list[str]] = defaultdict(list)
-    for e in events.of(JobStatusChanged):
+    for e in events.job_changes():
         status_seq[e.job_id].append(e.status)
     plain = ["pending", "queued", "running", "completed"]
     retried = ["pending", "queued", "running", "pending", "queued", "running", "completed"]

@@ -14,7 +14,7 @@ from infra.kafka import make_producer
 from producers.client import JobClient
 from scheduler.service import DEFAULT_DISPATCH_LOOKAHEAD_MS, SchedulerService
 from scheduler.state import SchedulerConfig
-from schemas.events import JobStatusChanged, RunCancelRequested, RunReady, RunStatusChanged
+from schemas.events import RunCancelRequested, RunReady, RunStatusChanged
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def test_job_runs_once_and_completes(env) -> None:  # type: ignore[no-untyped-de
     assert statuses(tail, job) == ["pending", "queued", "running", "completed"]
     ready = [r for r in tail.of(RunReady) if r.job_id == job]
     assert len(ready) == 1 and ready[0].attempt == 1 and ready[0].user_id == "alice"
-    accepted = tail.of(JobStatusChanged)[0]
+    accepted = tail.job_changes()[0]
     assert accepted.spec is not None and accepted.spec.executor.shell.argv == ["echo", "hi"]
 
 
@@ -72,7 +72,7 @@ def test_retry_then_success(env) -> None:  # type: ignore[no-untyped-def]
     assert ready == [1, 2, 3]
     runs = [(e.attempt, e.status) for e in tail.of(RunStatusChanged) if e.job_id == job]
     assert (1, "failed") in runs and (2, "failed") in runs and (3, "succeeded") in runs
-    last = [e for e in tail.of(JobStatusChanged) if e.job_id == job][-1]
+    last = [e for e in tail.job_changes() if e.job_id == job][-1]
     assert last.attempts == 3
 
 
@@ -102,7 +102,7 @@ def test_dag_fan_out_fan_in_with_failure_in_the_middle(env) -> None:  # type: ig
                       timeout=40, what="every DAG job final")
     got = {n: final_status(tail, i) for n, i in ids.items()}
     assert got == {"a": "completed", "b": "failed", "c": "completed", "d": "failed", "e": "completed", "f": "failed"}
-    reasons = {name_of[e.job_id]: e.reason for e in tail.of(JobStatusChanged) if e.status == "failed"}
+    reasons = {name_of[e.job_id]: e.reason for e in tail.job_changes() if e.status == "failed"}
     assert reasons["d"] == f"upstream_failed: {ids['b']}"
     assert reasons["f"] == f"upstream_failed: {ids['d']}"
     dispatched = Counter(name_of[r.job_id] for r in tail.of(RunReady))
@@ -168,7 +168,7 @@ def test_invalid_spec_from_a_direct_producer_is_refused_visibly(env) -> None:  #
     p.flush(10)
     with InThread(SchedulerService(s)):
         tail.wait_for(lambda ev: final_status(tail, bad.job_id) == "failed", what="rejected")
-    (ev,) = [e for e in tail.of(JobStatusChanged) if e.job_id == bad.job_id]
+    (ev,) = [e for e in tail.job_changes() if e.job_id == bad.job_id]
     assert ev.reason is not None and "cron" in ev.reason
 
 

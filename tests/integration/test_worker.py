@@ -42,7 +42,7 @@ from schemas.events import (
 
 pytestmark = pytest.mark.integration
 
-QUEUES = ("main", "py", "prio", "long", "stop", "dlq")
+QUEUES = ("main", "py", "prio", "long", "stop", "dlq", "instant")
 CODEC = default_codec()
 
 
@@ -313,12 +313,49 @@ def test_shell_job_streams_stdout_in_order_and_reports_after_its_logs(
     assert fin.logs_high is not None
     assert all(c.offset < fin.logs_high[c.partition] for c in chunks)
 
+    # Exactly one start report: a RunStarted, or (the job ended within the start-report
+    # delay) the RunFinished standing for it.
     started = collector.of_run(RunStarted, sub.ready.run_id)
-    assert len(started) == 1 and started[0].worker_id == main_worker.worker_id
+    if ev.implies_start:
+        assert started == []
+    else:
+        assert len(started) == 1 and started[0].worker_id == main_worker.worker_id
     labels = {"queue": "main", "executor": "shell", "outcome": "succeeded"}
     assert (pool.registry.get_sample_value("jobsched_worker_runs_finished_total", labels) or 0) >= 1
     assert (pool.registry.get_sample_value("jobsched_worker_run_duration_seconds_count",
                                            {"executor": "shell", "outcome": "succeeded"}) or 0) >= 1
+
+
+def test_only_an_attempt_still_running_after_the_delay_reports_its_start(
+        main_worker: Worker, jobs: Jobs, collector: Collector) -> None:
+    assert main_worker.start_report_delay == 0.2
+    quick = jobs.submit("main", shell("true"))
+    slow = jobs.submit("main", shell("sleep 1"))
+    q = collector.finished(quick.ready).event
+    assert q.outcome == "succeeded" and q.implies_start
+    assert q.started_at_ms is not None and q.finished_at_ms is not None
+    assert q.started_at_ms <= q.finished_at_ms < q.started_at_ms + 200
+    fin = collector.finished(slow.ready)
+    assert fin.event.outcome == "succeeded" and not fin.event.implies_start
+    assert collector.of_run(RunStarted, quick.ready.run_id) == []
+    (started,) = collector.select(lambda s: isinstance(s.event, RunStarted) and s.event.run_id == slow.ready.run_id)
+    # Sent after the delay, before the end, with the time the attempt really started.
+    assert started.event.occurred_at_ms == fin.event.started_at_ms
+    assert (started.topic, started.partition) == (fin.topic, fin.partition) and started.offset < fin.offset
+
+
+def test_a_worker_without_start_report_delay_reports_every_start(
+        pool: Pool, jobs: Jobs, collector: Collector) -> None:
+    w = pool.start("instant", concurrency=2, start_report_delay=0)
+    try:
+        sub = jobs.submit("instant", shell("true"))
+        fin = collector.finished(sub.ready)
+        assert fin.event.outcome == "succeeded" and not fin.event.implies_start
+        (started,) = collector.select(
+            lambda s: isinstance(s.event, RunStarted) and s.event.run_id == sub.ready.run_id)
+        assert started.event.worker_id == w.worker_id and started.offset < fin.offset
+    finally:
+        pool.stop(w)
 
 
 def test_nonzero_exit_fails_with_its_exit_code(main_worker: Worker, jobs: Jobs, collector: Collector) -> None:

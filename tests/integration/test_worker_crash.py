@@ -17,7 +17,7 @@ from harness import InThread, Tail, isolated
 from infra.config import Settings
 from producers.client import JobClient
 from scheduler.service import SchedulerService
-from schemas.events import JobStatusChanged, RunStatusChanged
+from schemas.events import RunStatusChanged
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ def test_jobs_of_a_killed_worker_run_again_and_complete_once(stack_settings: Set
             workers[0].wait(10)
 
             def final(job: str) -> str | None:
-                st = [e.status for e in tail.of(JobStatusChanged) if e.job_id == job]
+                st = [e.status for e in tail.job_changes() if e.job_id == job]
                 return st[-1] if st else None
 
             tail.wait_for(lambda ev: all(final(j) == "completed" for j in jobs), timeout=120,
@@ -78,7 +78,7 @@ def test_jobs_of_a_killed_worker_run_again_and_complete_once(stack_settings: Set
                     w.wait()
         tail.close()
 
-    completed = Counter(e.job_id for e in tail.of(JobStatusChanged) if e.status == "completed")
+    completed = Counter(e.job_id for e in tail.job_changes() if e.status == "completed")
     assert all(completed[j] == 1 for j in jobs), completed
     succeeded = Counter(e.job_id for e in tail.of(RunStatusChanged) if e.status == "succeeded")
     assert all(succeeded[j] == 1 for j in jobs), succeeded
@@ -89,5 +89,5 @@ def test_jobs_of_a_killed_worker_run_again_and_complete_once(stack_settings: Set
         assert lost and lost[0].worker_id == ids[0] and lost[0].attempt == 1, [(e.status, e.worker_id) for e in runs]
         ok = [e for e in runs if e.status == "succeeded"][0]
         assert ok.worker_id == ids[1] and ok.attempt == 2  # the run counted one more attempt
-    last = {e.job_id: e for e in tail.of(JobStatusChanged) if e.status == "completed"}
+    last = {e.job_id: e for e in tail.job_changes() if e.status == "completed"}
     assert all(last[j].attempts == 2 for j in victims)

@@ -127,6 +127,9 @@ EXAMPLES: dict[type, list[Callable[[], Any]]] = {
                                  worker_id="worker-a", exit_code=1, reason="exit 1", started_at_ms=T0 + 1,
                                  finished_at_ms=T0 + 2, retry_at_ms=T0 + 3),
         lambda: RunStatusChanged(**_run_fields(), status="queued", nominal_ms=T0),
+        lambda: RunStatusChanged(**_run_fields(), status="failed", nominal_ms=T0, worker_id="worker-a", exit_code=2,
+                                 job_status="pending", job_reason="retry 1/3 after failed (exit code 2)",
+                                 job_attempts=1, job_next_fire_ms=T0 + 60_000),
     ],
     SchedulerJobState: [
         lambda: SchedulerJobState(
@@ -535,6 +538,43 @@ def test_log_chunks_written_before_worker_id_existed_still_read() -> None:
         "run_id": "j@1", "attempt": 1, "seq": 0, "stream": "stdout", "data": "old\n", "eof": False})
     old = Codec().decode(buf.getvalue())
     assert isinstance(old, LogChunk) and old.data == "old\n" and old.worker_id is None
+
+
+def test_run_status_events_written_before_job_fields_existed_still_read() -> None:
+    # schemas/history holds RunStatusChanged v1 (no job_* fields): such records decode
+    # into today's class, carrying no job change.
+    import io
+    import json
+
+    import fastavro
+
+    from schemas.codec import HISTORY_DIR, MAGIC, fingerprint
+
+    v1 = json.loads((HISTORY_DIR / "io.jobsched.RunStatusChanged.v1.avsc").read_text())
+    assert not {f["name"] for f in v1["fields"]} & {"job_status", "job_reason", "job_attempts", "job_next_fire_ms"}
+    buf = io.BytesIO()
+    buf.write(MAGIC + fingerprint(v1))
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(v1), {
+        "event_id": "e1", "occurred_at_ms": 1, "user_id": "u", "tenant_id": "t", "job_id": "j",
+        "run_id": "j@1", "attempt": 1, "status": "running", "nominal_ms": 1, "worker_id": "w",
+        "exit_code": None, "reason": None, "started_at_ms": 2, "finished_at_ms": None, "retry_at_ms": None})
+    old = Codec().decode(buf.getvalue())
+    assert isinstance(old, RunStatusChanged) and (old.status, old.worker_id) == ("running", "w")
+    assert old.job_status is None and old.job_change() is None
+
+
+def test_a_run_event_carrying_a_job_change_reads_as_that_change() -> None:
+    from schemas.events import job_changes
+
+    ev = EXAMPLES[RunStatusChanged][2]()
+    change = ev.job_change()
+    assert change == JobStatusChanged(event_id=ev.event_id, occurred_at_ms=ev.occurred_at_ms, user_id=ev.user_id,
+                                      tenant_id=ev.tenant_id, job_id=ev.job_id, status="pending",
+                                      reason="retry 1/3 after failed (exit code 2)", attempts=1, run_id=ev.run_id,
+                                      next_fire_ms=T0 + 60_000)
+    own = EXAMPLES[JobStatusChanged][1]()
+    plain = EXAMPLES[RunStatusChanged][1]()
+    assert job_changes([own, plain, ev]) == [own, change]
 
 
 def test_a_forked_child_draws_event_ids_of_its_own() -> None:

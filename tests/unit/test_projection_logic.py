@@ -165,6 +165,42 @@ def test_batch_folds_attempts_and_ignores_superseded_ones() -> None:
     assert '"spec"' in audit[0].payload_json and audit[1].run_id == run_id_for("j1", T0)
 
 
+def test_a_job_change_riding_on_a_run_event_updates_both_rows() -> None:
+    b = Batch(codec=default_codec())
+    run = run_id_for("j1", T0)
+    events = [
+        jsc("pending", spec=spec()),
+        rsc(1, "queued", job_status="queued", job_attempts=1),
+        rsc(1, "running", worker_id="w1", started_at_ms=T0 + 5, job_status="running", job_attempts=1),
+        rsc(1, "succeeded", worker_id="w1", exit_code=0, job_status="completed", job_attempts=1),
+    ]
+    assert [b.add(e, TOPIC, 2, i) for i, e in enumerate(events)] == [True] * 4
+    job = b.jobs["j1"]
+    assert (job.status, job.attempts, job.last_run_id, job.offset) == ("completed", 1, run, 3)
+    assert job.finished_ms == events[-1].occurred_at_ms and job.name == "backup" and job.has_spec
+    (r,) = b.runs.values()
+    assert (r.status, r.worker_id, r.started_ms, r.exit_code) == ("succeeded", "w1", T0 + 5, 0)
+    # One audit entry per event: the run event, with the job change in its payload.
+    assert [a.type for a in b.audit.values()] == ["JobStatusChanged"] + ["RunStatusChanged"] * 3
+    assert '"job_status":"completed"' in list(b.audit.values())[-1].payload_json
+
+
+def test_a_stale_run_event_still_applies_the_job_change_it_carries() -> None:
+    b = Batch(codec=default_codec())
+    b.add(rsc(2, "queued"), TOPIC, 0, 0)
+    # Attempt 1 is superseded for the runs table, but the scheduler's job change stands.
+    assert b.add(rsc(1, "lost", job_status="pending", job_reason="retry", job_attempts=2), TOPIC, 0, 1)
+    assert {k[1] for k in b.runs} == {2}
+    assert (b.jobs["j1"].status, b.jobs["j1"].reason, b.jobs["j1"].attempts) == ("pending", "retry", 2)
+
+
+def test_a_run_event_with_an_unknown_job_status_is_refused_whole() -> None:
+    b = Batch(codec=default_codec())
+    with pytest.raises(ProjectionError, match="unknown job status 'exploded'"):
+        b.add(rsc(1, "running", job_status="exploded"), TOPIC, 0, 0)
+    assert len(b) == 0
+
+
 def test_batch_dedupes_events_and_skips_foreign_types() -> None:
     b = Batch()
     e = jsc("pending", spec=spec())

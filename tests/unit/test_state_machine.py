@@ -40,6 +40,7 @@ from schemas.events import (
     ScheduleResumed,
     SchedulerJobState,
     UpstreamResolved,
+    job_changes,
     run_id_for,
 )
 
@@ -95,10 +96,12 @@ class Sim:
                                        worker_id=worker, occurred_at_ms=self.now))
 
     def finished(self, run_id: str, attempt: int = 1, worker: str = "w1", outcome: str = "succeeded",
-                 job_id: str = "job", exit_code: int | None = None, reason: str | None = None) -> list[Output]:
+                 job_id: str = "job", exit_code: int | None = None, reason: str | None = None,
+                 implies_start: bool = False, started_at: int | None = None) -> list[Output]:
         return self.apply(RunFinished(user_id="alice", job_id=job_id, run_id=run_id, attempt=attempt,
                                       worker_id=worker, outcome=outcome, exit_code=exit_code, reason=reason,
-                                      started_at_ms=self.now, finished_at_ms=self.now, occurred_at_ms=self.now))
+                                      started_at_ms=self.now if started_at is None else started_at,
+                                      finished_at_ms=self.now, occurred_at_ms=self.now, implies_start=implies_start))
 
     def cancel(self, job_id: str = "job", reason: str | None = None) -> list[Output]:
         return self.apply(JobCancelRequested(user_id="bob", job_id=job_id, reason=reason, occurred_at_ms=self.now))
@@ -125,7 +128,8 @@ def ready(out: list[Output]) -> list[RunReady]:
 
 
 def job_status(out: list[Output], job_id: str = "job") -> list[str]:
-    return [e.status for e in of(out, JobStatusChanged, EVENTS) if e.job_id == job_id]
+    """The job's status changes, whether on their own or riding on a run event."""
+    return [e.status for e in job_changes(e for d, e in out if d == EVENTS) if e.job_id == job_id]
 
 
 def run_status(out: list[Output]) -> list[tuple[str, int]]:
@@ -140,7 +144,7 @@ def kills(out: list[Output]) -> list[tuple[str, str, int, str | None]]:
 
 
 def last_job_event(out: list[Output], job_id: str = "job") -> JobStatusChanged:
-    return [e for e in of(out, JobStatusChanged) if e.job_id == job_id][-1]
+    return [e for e in job_changes(e for d, e in out if d == EVENTS) if e.job_id == job_id][-1]
 
 
 def norm(out: list[Output]) -> Counter[str]:
@@ -158,7 +162,10 @@ def test_one_off_now_dispatches_immediately_exactly_once() -> None:
     sim = Sim()
     out = sim.submit()
     assert [(d, type(e).__name__) for d, e in out] == [
-        (EVENTS, "JobStatusChanged"), (READY, "RunReady"), (EVENTS, "RunStatusChanged"), (EVENTS, "JobStatusChanged")]
+        (EVENTS, "JobStatusChanged"), (READY, "RunReady"), (EVENTS, "RunStatusChanged")]
+    # The job's "queued" rides on the run's "queued": one event, not two.
+    queued = of(out, RunStatusChanged)[0]
+    assert (queued.status, queued.job_status, queued.job_attempts, queued.job_reason) == ("queued", "queued", 1, None)
     r = ready(out)[0]
     assert (r.job_id, r.run_id, r.attempt, r.nominal_ms) == ("job", RUN0, 1, T0)
     assert (r.queue, r.priority, r.lease_ms, r.name) == ("default", "normal", 30_000, "echo hi")
@@ -305,6 +312,49 @@ def test_second_worker_start_loses_the_first_and_fences_its_reports() -> None:
     out = sim.finished(RUN0, worker="w2")
     assert run_status(out) == [("succeeded", 2)]
     assert (last_job_event(out).status, last_job_event(out).attempts) == ("completed", 2)
+
+
+def test_an_attempt_that_ended_before_its_start_was_reported_counts_as_started() -> None:
+    sim = Sim()
+    sim.submit()
+    out = sim.finished(RUN0, worker="w1", implies_start=True, started_at=T0 + 3)
+    # One run event, no stale "running": queued -> succeeded, with the start time.
+    assert run_status(out) == [("succeeded", 1)]
+    (done,) = of(out, RunStatusChanged)
+    assert (done.worker_id, done.started_at_ms, done.job_status, done.job_attempts) == ("w1", T0 + 3, "completed", 1)
+    assert job_status(out) == ["completed"] and "job" not in sim.ps.jobs
+    # Without the flag an unannounced worker's result is fenced, as before.
+    sim.submit("other")
+    assert sim.finished(run_id_for("other", T0), worker="w1", job_id="other") == []
+    assert "other" in sim.ps.jobs
+
+
+def test_an_implied_start_elsewhere_loses_the_first_worker_and_fails_into_a_retry() -> None:
+    sim = Sim()
+    sim.submit(retries=1, backoff=1000)
+    sim.started(RUN0, worker="w1")
+    sim.now += 10 * S
+    out = sim.finished(RUN0, worker="w2", outcome="failed", exit_code=3, implies_start=True, started_at=sim.now - 5)
+    # Exactly what a RunStarted from w2 and then its RunFinished would have done.
+    assert run_status(out) == [("lost", 1), ("failed", 2)]
+    assert kills(out) == [("w1", RUN0, 1, "superseded")]
+    failed = of(out, RunStatusChanged)[1]
+    assert (failed.worker_id, failed.started_at_ms, failed.exit_code) == ("w2", sim.now - 5, 3)
+    assert job_status(out) == ["pending"]
+    # The first worker's reports no longer count; the retry goes out when due.
+    assert sim.finished(RUN0, worker="w1") == []
+    assert [r.attempt for r in ready(sim.at(sim.now + 1000))] == [2]
+    # A late implied start of the judged attempt judges nothing twice.
+    assert sim.finished(RUN0, worker="w3", implies_start=True) == []
+
+
+def test_an_implied_start_repeats_nothing_a_reported_start_did() -> None:
+    sim = Sim()
+    sim.submit()
+    sim.started(RUN0, worker="w1")
+    # The start was reported after all (a race between the two): a plain finish.
+    out = sim.finished(RUN0, worker="w1", implies_start=True)
+    assert run_status(out) == [("succeeded", 1)] and kills(out) == []
 
 
 def test_stale_attempt_reports_are_ignored_and_a_stale_start_is_killed() -> None:

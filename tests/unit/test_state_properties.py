@@ -167,6 +167,19 @@ class Model:
         else:
             self._end(jid, job, "failed", exp)
 
+    def finished_unannounced(self, jid: str, run_id: str, attempt: int, worker: str, outcome: str, now: int,
+                             exp: Expect) -> None:
+        """A RunFinished with ``implies_start``: its start, unless stale (no kill then:
+        the attempt is over), then the finish."""
+        job = self.jobs.get(jid)
+        if (job is not None and job.phase in ("queued", "running") and run_id == job.run_id
+                and attempt == job.attempt and worker != job.worker):
+            if job.phase == "running":
+                assert job.worker is not None
+                exp.kills[(job.worker, run_id, attempt)] += 1
+            job.phase, job.worker, job.last_beat = "running", worker, now
+        self.finished(jid, run_id, attempt, worker, outcome, now, exp)
+
     def cancel(self, jid: str, exp: Expect) -> None:
         job = self.jobs.get(jid)
         if job is None or job.phase == "terminal":
@@ -271,17 +284,20 @@ class Invariants:
                 self.dispatched.add(key)
                 self.last_attempt[e.run_id] = e.attempt
                 ready.add(key)
-            elif isinstance(e, JobStatusChanged):
-                assert e.job_id not in self.terminal, f"{e.job_id}: {e.status} after {self.terminal[e.job_id]}"
-                assert e.attempts >= self.job_attempts.get(e.job_id, 0), "job attempts never decrease"
-                self.job_attempts[e.job_id] = e.attempts
-                if e.status in TERMINAL_STATUSES:
-                    self.terminal[e.job_id] = e.status
-                    ended[e.job_id] = e.status
-            elif isinstance(e, RunStatusChanged):
-                assert e.job_id not in self.terminal, "run event after the job ended"
-                assert e.attempt >= self.executions.get(e.run_id, 0), "executions never decrease"
-                self.executions[e.run_id] = e.attempt
+            elif isinstance(e, (JobStatusChanged, RunStatusChanged)):
+                if isinstance(e, RunStatusChanged):
+                    assert e.job_id not in self.terminal, "run event after the job ended"
+                    assert e.attempt >= self.executions.get(e.run_id, 0), "executions never decrease"
+                    self.executions[e.run_id] = e.attempt
+                change = e if isinstance(e, JobStatusChanged) else e.job_change()
+                if change is not None:  # a job change on its own, or riding on the run's
+                    assert change.job_id not in self.terminal, \
+                        f"{change.job_id}: {change.status} after {self.terminal[change.job_id]}"
+                    assert change.attempts >= self.job_attempts.get(change.job_id, 0), "job attempts never decrease"
+                    self.job_attempts[change.job_id] = change.attempts
+                    if change.status in TERMINAL_STATUSES:
+                        self.terminal[change.job_id] = change.status
+                        ended[change.job_id] = change.status
             elif isinstance(e, RunCancelRequested):
                 kills[(e.worker_id, e.run_id, e.attempt)] += 1
         return ready, ended, kills
@@ -303,13 +319,16 @@ beat_op = st.tuples(st.just("beat"), st.sampled_from(JOBS), st.sampled_from([0, 
 finish_op = st.tuples(st.just("finish"), st.sampled_from(JOBS), st.sampled_from([0, 0, 0, -1]),
                       st.sampled_from(WORKERS),
                       st.sampled_from(["succeeded", "failed", "failed", "timed_out", "refused"]))
+#: A worker's RunFinished for an attempt whose start it never reported (``implies_start``).
+quick_op = st.tuples(st.just("quick"), st.sampled_from(JOBS), st.sampled_from([0, 0, 0, -1, 1]),
+                     st.sampled_from(WORKERS), st.sampled_from(["succeeded", "failed", "timed_out"]))
 cancel_op = st.tuples(st.just("cancel"), st.sampled_from(JOBS))
 restore_op = st.tuples(st.just("restore"))
 #: Reports and time more often than submissions, cancels and crashes.
 _BY_KIND = {"submit": submit_op, "advance": advance_op, "start": start_op, "beat": beat_op, "finish": finish_op,
-            "cancel": cancel_op, "restore": restore_op}
+            "quick": quick_op, "cancel": cancel_op, "restore": restore_op}
 ops = st.sampled_from(["submit", "advance", "advance", "advance", "start", "start", "start", "beat", "finish",
-                       "finish", "finish", "cancel", "restore"]).flatmap(_BY_KIND.__getitem__)
+                       "finish", "finish", "quick", "quick", "cancel", "restore"]).flatmap(_BY_KIND.__getitem__)
 
 
 class World:
@@ -353,7 +372,7 @@ class World:
             self.now += op[1]
             self.model.advance(self.now, exp)
             self.feed(None, exp)
-        elif kind in ("start", "beat", "finish"):
+        elif kind in ("start", "beat", "finish", "quick"):
             jid, offset, worker = op[1], op[2], op[3]
             run_id, attempt = self.run_ref(jid, offset)
             if attempt < 1:
@@ -367,6 +386,9 @@ class World:
             elif kind == "beat":
                 self.model.heartbeat(jid, run_id, attempt, worker, self.now)
                 event = RunHeartbeat(**common)
+            elif kind == "quick":
+                self.model.finished_unannounced(jid, run_id, attempt, worker, op[4], self.now, exp)
+                event = RunFinished(**common, outcome=op[4], started_at_ms=self.now - 1, implies_start=True)
             else:
                 self.model.finished(jid, run_id, attempt, worker, op[4], self.now, exp)
                 event = RunFinished(**common, outcome=op[4])

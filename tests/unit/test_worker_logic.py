@@ -188,6 +188,7 @@ def test_defaults() -> None:
         ({"allow": frozenset({"shell", "docker"})}, "unknown executor kind(s) in allow: docker"),
         ({"allow": "shell"}, "allow must be a set of executor kinds"),
         ({"heartbeat_interval": 0}, "heartbeat_interval must be > 0"),
+        ({"start_report_delay": -0.1}, "start_report_delay must be >= 0"),
         ({"log_cap_bytes": -1}, "log_cap_bytes must be an integer >= 0"),
         ({"grace": -1}, "grace must be >= 0"),
         ({"worker_id": " "}, "worker_id must be a non-empty string"),
@@ -368,6 +369,31 @@ def _run_one(w: Worker, rec_ready: RunReady) -> tuple[FakeProducer, tuple[str, i
     return fake, tp, epoch
 
 
+def test_an_attempt_that_ends_within_the_delay_reports_its_start_with_its_end() -> None:
+    w = Worker(Settings(topic_prefix="unit"), registry=CollectorRegistry(), worker_id="w-1")
+    fake, _, _ = _run_one(w, _ready(ExecutorSpec.of_shell(["true"])))
+    assert fake.events(RunStarted) == []
+    (fin,) = fake.events(RunFinished)
+    assert fin.implies_start and fin.outcome == "succeeded" and fin.started_at_ms is not None
+    # The consuming thread, once the delay is over, sends nothing for it either.
+    time.sleep(0.25)
+    w._report_starts()
+    assert fake.events(RunStarted) == [] and not w._unreported
+
+
+def test_a_start_not_reported_yet_goes_out_before_the_first_heartbeat() -> None:
+    # No consuming thread here: the start-report delay never passes, the heartbeat sends it.
+    w = Worker(Settings(topic_prefix="unit"), heartbeat_interval=0.2, registry=CollectorRegistry(),
+               worker_id="w-1", start_report_delay=30)
+    fake, _, _ = _run_one(w, _ready(ExecutorSpec.of_shell(["sh", "-c", "sleep 0.5"])))
+    reports = [e["event"] for e in fake.sent if e["topic"] == "unit.reports"]
+    assert isinstance(reports[0], RunStarted) and isinstance(reports[1], RunHeartbeat)
+    assert len(fake.events(RunStarted)) == 1
+    fin = reports[-1]
+    assert isinstance(fin, RunFinished) and not fin.implies_start
+    assert reports[0].occurred_at_ms == fin.started_at_ms
+
+
 def _ready(spec: ExecutorSpec) -> RunReady:
     return RunReady(user_id="alice", tenant_id="acme", job_id="j1", run_id="j1@7", attempt=3, name="n",
                     nominal_ms=7, queue="default", priority="normal", executor=spec)
@@ -375,7 +401,7 @@ def _ready(spec: ExecutorSpec) -> RunReady:
 
 def test_run_finished_is_produced_after_every_log_chunk_is_acknowledged() -> None:
     w = Worker(Settings(topic_prefix="unit"), heartbeat_interval=0.2, registry=CollectorRegistry(),
-               worker_id="w-1")
+               worker_id="w-1", start_report_delay=0)
     fake, tp, _ = _run_one(w, _ready(ExecutorSpec.of_shell(
         ["sh", "-c", "for i in 1 2 3 4; do echo line $i; sleep 0.25; done"])))
     events = [e["event"] for e in fake.sent]
