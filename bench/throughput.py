@@ -37,12 +37,14 @@ from bench.common import (
     stack_pids,
     write_result,
 )
+from infra.stack import FERRETDB_DATABASE
 
 FINAL = ("completed", "failed", "cancelled")
 
 
 def ledger_for(env: BenchEnv, procs: dict[str, list[Any]]) -> CpuLedger:
-    """CPU accounting of every service process of ``env``, Kafka and our PG backends."""
+    """CPU accounting of every service process of ``env``, Kafka, our PG backends and
+    FerretDB (with its PG backends)."""
     led = CpuLedger()
     for role, ps in procs.items():
         for i, p in enumerate(ps):
@@ -54,6 +56,10 @@ def ledger_for(env: BenchEnv, procs: dict[str, list[Any]]) -> CpuLedger:
         led.add("kafka-broker (shared)", lambda: proc_cpu_s(kpid))
     db = env.db
     led.add("postgres-backends", lambda: pg_backend_cpu_s(db))
+    if pids.get("ferretdb"):
+        # The logs projection's store: FerretDB and the PostgreSQL backends it holds open.
+        fpid = pids["ferretdb"]
+        led.add("ferretdb (shared)", lambda: (proc_cpu_s(fpid) or 0.0) + pg_backend_cpu_s(FERRETDB_DATABASE))
     return led
 
 

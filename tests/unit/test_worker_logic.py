@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from consumers.worker import (
     ANY_WORKER,
     DEFAULT_ALLOW,
     HeldRuns,
+    JobThreads,
     OffsetTracker,
     ReadyBuffer,
     Record,
@@ -353,6 +353,16 @@ class FakeProducer:
         return [e["event"] for e in self.sent if isinstance(e["event"], kind)]
 
 
+def _wait_all(w: Worker, pool: JobThreads, timeout: float = 20.0) -> None:
+    """Until every attempt the worker started has ended (as the consuming thread reaps them)."""
+    deadline = time.monotonic() + timeout
+    while w._running:
+        assert time.monotonic() < deadline, "job threads did not finish"
+        for token in pool.done(timeout=0.1):
+            del w._running[token]
+    pool.shutdown(wait=True)
+
+
 def _run_one(w: Worker, rec_ready: RunReady) -> tuple[FakeProducer, tuple[str, int], int]:
     """Runs one record through the worker's dispatch and job thread (no Kafka)."""
     fake = FakeProducer()
@@ -360,11 +370,9 @@ def _run_one(w: Worker, rec_ready: RunReady) -> tuple[FakeProducer, tuple[str, i
     tp = (w.topics[1], 0)
     epoch = w._tracker.track(tp, 5)
     w._buffer.push(Record(tp=tp, offset=5, epoch=epoch, priority="normal", ready=rec_ready))
-    with ThreadPoolExecutor(1) as pool:
-        w._dispatch(pool)
-        for r in list(w._running.values()):
-            assert r.future is not None
-            r.future.result(20)
+    pool = w._pool = JobThreads(w._execute, 1)
+    w._dispatch(pool)
+    _wait_all(w, pool)
     fake.poll()  # the consuming thread polls the producer: log chunks acknowledged, RunFinished sent
     return fake, tp, epoch
 
@@ -518,12 +526,10 @@ def test_attempts_started_together_each_send_their_own_heartbeats() -> None:
         ready = dataclasses.replace(_ready(ExecutorSpec.of_shell(["sleep", "0.7"])), job_id=job, run_id=f"{job}@1")
         w._buffer.push(Record(tp=tp, offset=offset, epoch=w._tracker.track(tp, offset), priority="normal",
                               ready=ready))
-    with ThreadPoolExecutor(2) as pool:
-        w._dispatch(pool)  # both start in one turn of the consuming thread
-        assert len(w._running) == 2
-        for r in list(w._running.values()):
-            assert r.future is not None
-            r.future.result(20)
+    pool = w._pool = JobThreads(w._execute, 2)
+    w._dispatch(pool)  # both start in one turn of the consuming thread
+    assert len(w._running) == 2
+    _wait_all(w, pool)
     beats = fake.events(RunHeartbeat)
     assert {b.run_id for b in beats} == {"a@1", "b@1"}
     assert all(b.job_id == b.run_id[0] for b in beats)
@@ -571,3 +577,32 @@ def test_a_failed_commit_offers_the_offsets_again() -> None:
     assert t.committable() == {TP_A: 5}
     t.commit_failed(TP_B)  # unknown partition: nothing to do
     assert t.committable() == {TP_A: 5}
+
+
+def test_job_threads_start_as_needed_return_every_token_and_survive_a_failing_item() -> None:
+    seen: list[int] = []
+    gate = threading.Event()
+
+    def target(item: int) -> None:
+        if item == 3:
+            raise RuntimeError("boom")  # a bug in the target: logged, the token still comes back
+        gate.wait(5)
+        seen.append(item)
+
+    pool = JobThreads(target, 2)
+    pool.submit(10, 1)
+    pool.submit(11, 2)
+    pool.submit(12, 3)  # queued: both threads are busy, and no third is started
+    assert len(pool._threads) == 2
+    assert pool.done() == []
+    gate.set()
+    got: list[int] = []
+    deadline = time.monotonic() + 10
+    while len(got) < 3 and time.monotonic() < deadline:
+        got += pool.done(timeout=0.5)
+    assert sorted(got) == [10, 11, 12] and sorted(seen) == [1, 2]
+    assert pool._busy == 0
+    pool.submit(13, 4)  # an idle thread takes it: still two threads
+    assert pool.done(timeout=5) == [13] and len(pool._threads) == 2
+    pool.shutdown(wait=True, timeout=5)
+    assert not any(t.is_alive() for t in pool._threads)
