@@ -7,8 +7,9 @@ at one instant.  All are submitted ahead of the window (one-offs first; the cron
 less than a minute before the boundary, so each fires exactly once inside it), and
 the window starts only after a lead time meant to let the scheduler ingest them.
 
-Lateness of a firing = ``RunStarted.occurred_at_ms − nominal``: the worker's clock
-when the job started minus the time it was due — what a user of a scheduler cares
+Lateness of a firing = ``RunStarted.occurred_at_ms − nominal`` (for an attempt that
+ended before its start was reported, the ``started_at_ms`` of its ``RunFinished``
+with ``implies_start``): the worker's clock when the job started minus the time it was due — what a user of a scheduler cares
 about, and what Celery's side measures (task start − ETA).  The scheduler dispatches
 timed runs up to its lookahead (1 s by default) ahead with ``not_before_ms`` and
 the worker starts them on the instant, so this is not the dispatch time.  The bench
@@ -181,7 +182,8 @@ def run(opts: RunOptions, machine: dict[str, Any]) -> dict[str, Any]:
                     "mean_due_per_s": round(n / window_s, 1), "schedulers": 1, "workers": 1,
                     "worker_concurrency": opts.concurrency, "executor": f"python {NOOP_TARGET}",
                     "dispatch_lookahead_ms": int(os.environ.get("JOBSCHED_DISPATCH_LOOKAHEAD_MS") or 1000),
-                    "lateness": "RunStarted.occurred_at_ms (worker clock) - nominal time, first attempt; "
+                    "lateness": "RunStarted.occurred_at_ms, or RunFinished.started_at_ms when it implies the start "
+                                "(worker clock) - nominal time, first attempt; "
                                 "read_committed from the reports topic"},
             details={"all": all_stats, "one_off": stats(late_one), "cron": stats(late_cron),
                      "dispatch_lateness": stats(dispatch_late), "dispatch_lead": stats(dispatch_lead),
