@@ -110,6 +110,13 @@ class RunContext:
         self._wake.set()
         return True
 
+    def pause(self, seconds: float) -> StopReason | None:
+        """Sleep up to ``seconds``, less if a stop is requested; the stop reason, if any."""
+        if self._stop_reason is None and seconds > 0:
+            self._wake.wait(seconds)
+            self._wake.clear()
+        return self._stop_reason
+
     def wake(self) -> None:
         """End the executor's current wait now (a helper thread has finished)."""
         self._wake.set()

@@ -27,8 +27,9 @@ Consumer group
 Runs dispatched ahead
     The scheduler sends timed runs up to its dispatch lookahead (1 s by default)
     before they are due, with ``not_before_ms`` set.  Such a record is held (not counted
-    against ``prefetch``) and started on that instant: the consuming thread's poll
-    timeout shrinks to the next held due time.  So a run starts on time however long
+    against ``prefetch``), handed to a job thread 20 ms before that instant, and the
+    job thread starts it on the instant: the consuming thread's poll timeout shrinks to
+    the next hand-over time.  So a run starts on time however long
     the scheduler's transaction or the fetch took, as long as they took less than the
     lookahead.  The worker's clock decides; keep hosts NTP-synchronised.
 
@@ -147,6 +148,9 @@ _CANCELLED_MEMORY = 10_000
 #: Consumer settings the worker relies on and will not let an override change.
 _FIXED_CONSUMER_KEYS = frozenset({"group.id", "enable.auto.commit", "enable.auto.offset.store", "isolation.level"})
 _POLL_TIMEOUT = 0.1
+#: Runs dispatched ahead go to a job thread this many ms before they are due; it waits
+#: for the instant itself (see "Runs dispatched ahead" above).
+_HANDOFF_AHEAD_MS = 20
 #: Seconds before a running attempt's start is reported (see "Start reports" above).
 DEFAULT_START_REPORT_DELAY = 0.2
 #: Routine (asynchronous) offset commits at most this often, in seconds.
@@ -738,8 +742,8 @@ class Worker:
         timeout = _POLL_TIMEOUT
         held_due = self._held.next_due_ms()
         if held_due is not None and accept:
-            # Wake up on the instant the next held run is due.
-            timeout = max(0.0, min(timeout, (held_due - now_ms()) / 1000))
+            # Wake up when the next held run is to be handed to a job thread.
+            timeout = max(0.0, min(timeout, (held_due - _HANDOFF_AHEAD_MS - now_ms()) / 1000))
         for msg in consumer.consume(num_messages=self.prefetch, timeout=timeout):
             self._on_message(msg, accept=accept)
         self._poll_control(control)
@@ -747,7 +751,7 @@ class Worker:
         self._report_starts()
         self._drain_events()
         if pool is not None:
-            for rec in self._held.pop_due(now_ms()):
+            for rec in self._held.pop_due(now_ms() + _HANDOFF_AHEAD_MS):
                 self._buffer.push(rec)
             self._dispatch(pool)
         self._flow_control(consumer)
@@ -939,6 +943,17 @@ class Worker:
         ready, rec, log = run.ready, run.record, run.bound
         kind = ready.executor.kind
         queue_name = self._topic_queue[rec.tp[0]]
+        if ready.not_before_ms is not None:
+            # Handed over up to _HANDOFF_AHEAD_MS early: the job thread starts it on the
+            # instant, whatever the consuming thread is busy with then.
+            stopped = run.ctx.pause((ready.not_before_ms - now_ms()) / 1000)
+            if stopped is not None:
+                if stopped == "cancel":  # before it started: answered without running
+                    self._report_finished(rec, self._finished(ready, outcome="cancelled",
+                                                              reason=run.ctx.stop_message))
+                    self._metrics.finished.labels(queue_name, kind, "cancelled").inc()
+                # On shutdown: neither run nor reported; its next owner runs it.
+                return
         started_ms = run.started_ms = now_ms()
         t0 = time.monotonic()
         self._metrics.started.labels(queue_name, kind).inc()

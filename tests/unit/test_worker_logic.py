@@ -606,3 +606,54 @@ def test_job_threads_start_as_needed_return_every_token_and_survive_a_failing_it
     assert pool.done(timeout=5) == [13] and len(pool._threads) == 2
     pool.shutdown(wait=True, timeout=5)
     assert not any(t.is_alive() for t in pool._threads)
+
+
+def test_a_run_handed_over_early_starts_on_its_instant_not_before() -> None:
+    from schemas.events import now_ms
+
+    w = Worker(Settings(topic_prefix="unit"), registry=CollectorRegistry(), worker_id="w-1")
+    due = now_ms() + 300
+    fake, _, _ = _run_one(w, dataclasses.replace(_ready(ExecutorSpec.of_shell(["true"])), not_before_ms=due))
+    (fin,) = fake.events(RunFinished)
+    assert fin.outcome == "succeeded" and fin.started_at_ms is not None
+    assert due <= fin.started_at_ms < due + 200
+
+
+def _start_in_thread(w: Worker, ready: RunReady) -> tuple[FakeProducer, JobThreads]:
+    fake = FakeProducer()
+    w._producer = fake  # type: ignore[assignment]
+    tp = (w.topics[1], 0)
+    w._buffer.push(Record(tp=tp, offset=5, epoch=w._tracker.track(tp, 5), priority="normal", ready=ready))
+    pool = w._pool = JobThreads(w._execute, 1)
+    w._dispatch(pool)
+    return fake, pool
+
+
+def test_a_run_cancelled_while_it_waits_for_its_instant_never_runs() -> None:
+    from schemas.events import now_ms
+
+    w = Worker(Settings(topic_prefix="unit"), registry=CollectorRegistry(), worker_id="w-1")
+    ready = dataclasses.replace(_ready(ExecutorSpec.of_shell(["sh", "-c", "echo ran"])), not_before_ms=now_ms() + 5000)
+    fake, pool = _start_in_thread(w, ready)
+    (run,) = w._running.values()
+    assert run.ctx.request_stop("cancel", "user asked")
+    _wait_all(w, pool, timeout=3)  # well before its instant
+    fake.poll()
+    (fin,) = fake.events(RunFinished)
+    assert (fin.outcome, fin.reason, fin.started_at_ms) == ("cancelled", "user asked", None)
+    assert fake.events(RunStarted) == [] and fake.events(LogChunk) == []
+
+
+def test_a_run_waiting_for_its_instant_at_shutdown_is_left_for_redelivery() -> None:
+    from schemas.events import now_ms
+
+    w = Worker(Settings(topic_prefix="unit"), registry=CollectorRegistry(), worker_id="w-1")
+    ready = dataclasses.replace(_ready(ExecutorSpec.of_shell(["true"])), not_before_ms=now_ms() + 5000)
+    fake, pool = _start_in_thread(w, ready)
+    (run,) = w._running.values()
+    assert run.ctx.request_stop("shutdown", "worker shutdown")
+    _wait_all(w, pool, timeout=3)
+    fake.poll()
+    assert fake.sent == []  # not run, not reported: the offset stays uncommitted
+    w._drain_events()
+    assert w._tracker.committable() == {(w.topics[1], 0): 5}  # never past it
