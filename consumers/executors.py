@@ -553,6 +553,10 @@ def _render(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + f"… [{len(text) - limit} more characters]"
 
 
+#: Targets remembered by a PythonExecutor (checks and loaded functions), each.
+_CHECK_CACHE = 10_000
+
+
 class PythonExecutor(Executor):
     """Calls ``pkg.module:function`` (or ``pkg.module:Class.method``) with keyword arguments.
 
@@ -570,6 +574,10 @@ class PythonExecutor(Executor):
                  result_log_bytes: int = DEFAULT_RESULT_LOG_BYTES) -> None:
         self._allowed = tuple(allowed_modules) if allowed_modules is not None else None
         self._result_bytes = result_log_bytes
+        #: Refusal (or None) per target: every run of a job names the same one.
+        self._checked: dict[str, str | None] = {}
+        #: Functions already loaded, per target.
+        self._loaded: dict[str, Any] = {}
 
     @staticmethod
     def _split(target: str) -> tuple[str, str] | None:
@@ -582,40 +590,53 @@ class PythonExecutor(Executor):
         p = spec.python
         if p is None:
             return None
-        parts = self._split(p.target)
-        if parts is None:
-            return None  # reported as a failure by execute()
-        module = parts[0]
-        if self._allowed is not None and not any(module == a or module.startswith(a + ".") for a in self._allowed):
-            allowed = ", ".join(self._allowed) or "none"
-            return f"python module {module!r} is not in this worker's allowed modules ({allowed})"
-        return None
+        target = p.target
+        try:
+            return self._checked[target]
+        except KeyError:
+            pass
+        refusal = None
+        parts = self._split(target)
+        if parts is not None:  # else reported as a failure by execute()
+            module = parts[0]
+            if self._allowed is not None and not any(module == a or module.startswith(a + ".") for a in self._allowed):
+                allowed = ", ".join(self._allowed) or "none"
+                refusal = f"python module {module!r} is not in this worker's allowed modules ({allowed})"
+        if len(self._checked) >= _CHECK_CACHE:
+            self._checked.clear()
+        self._checked[target] = refusal
+        return refusal
 
     def execute(self, spec: ExecutorSpec, ctx: RunContext) -> Outcome:
         p = spec.python
         if p is None:
             return Outcome(outcome="failed", reason="python executor needs a target")
-        parts = self._split(p.target)
-        if parts is None:
-            return Outcome(outcome="failed", reason=f"python target {p.target!r} is not 'package.module:function'")
-        refusal = self.check(spec)
-        if refusal:
-            return Outcome(outcome="failed", reason=refusal)
+        fn = self._loaded.get(p.target)  # loaded before: it passed the checks below then
+        if fn is None:
+            parts = self._split(p.target)
+            if parts is None:
+                return Outcome(outcome="failed", reason=f"python target {p.target!r} is not 'package.module:function'")
+            refusal = self.check(spec)
+            if refusal:
+                return Outcome(outcome="failed", reason=refusal)
+            module_name, attr = parts
+            try:
+                fn = importlib.import_module(module_name)
+                for name in attr.split("."):
+                    fn = getattr(fn, name)
+            except Exception as e:  # noqa: BLE001 - an import runs arbitrary code
+                return Outcome(outcome="failed", reason=f"cannot load {p.target!r}: {type(e).__name__}: {e}")
+            if not callable(fn):
+                return Outcome(outcome="failed", reason=f"{p.target!r} is not callable")
+            if len(self._loaded) >= _CHECK_CACHE:
+                self._loaded.clear()
+            self._loaded[p.target] = fn
         try:
             kwargs = json.loads(p.kwargs_json or "{}")
         except ValueError as e:
             return Outcome(outcome="failed", reason=f"kwargs_json is not JSON: {e}")
         if not isinstance(kwargs, dict):
             return Outcome(outcome="failed", reason="kwargs_json must be a JSON object")
-        module_name, attr = parts
-        try:
-            fn: Any = importlib.import_module(module_name)
-            for name in attr.split("."):
-                fn = getattr(fn, name)
-        except Exception as e:  # noqa: BLE001 - an import runs arbitrary code
-            return Outcome(outcome="failed", reason=f"cannot load {p.target!r}: {type(e).__name__}: {e}")
-        if not callable(fn):
-            return Outcome(outcome="failed", reason=f"{p.target!r} is not callable")
         bg = _Background(lambda: fn(**kwargs), name="python-call", on_done=ctx.wake)
         why = bg.wait(ctx)
         if why is not None:

@@ -264,6 +264,25 @@ def test_python_module_allow_list() -> None:
     assert ex.check(py("tests.helpersevil:f")) is not None  # a prefix of the name is not a package prefix
 
 
+def test_python_runs_of_one_target_reuse_its_checks_and_function_with_their_own_arguments() -> None:
+    ex = PythonExecutor(allowed_modules=("tests.helpers",))
+    outs = []
+    for a, b in ((1, 2), (5, 5)):
+        att = Attempt()
+        assert ex.execute(py("tests.helpers.pyjobs:add", f'{{"a": {a}, "b": {b}}}'), att.ctx).outcome == "succeeded"
+        outs.append(att.text("system"))
+    assert outs == ['returned: {"sum": 3}\n', 'returned: {"sum": 10}\n']
+    # A refused target stays refused, run after run, and is never loaded.
+    for _ in range(2):
+        out = ex.execute(py("os:getcwd"), Attempt().ctx)
+        assert out.outcome == "failed" and "'os' is not in this worker's allowed modules" in (out.reason or "")
+    # A target that failed to load is tried again (the module may be deployed since).
+    for _ in range(2):
+        out = ex.execute(py("tests.helpers.nope:f"), Attempt().ctx)
+        assert "ModuleNotFoundError" in (out.reason or "")
+    assert set(ex._loaded) == {"tests.helpers.pyjobs:add"}
+
+
 def test_python_timeout_ends_the_attempt() -> None:
     a = Attempt(timeout=0.2)
     t0 = time.monotonic()
