@@ -30,3 +30,39 @@ def release_free_memory() -> bool:
         return True
     except OSError:
         return False
+
+
+class TrimWhenIdle:
+    """Calls ``trim`` (by default :func:`release_free_memory`) when a service goes idle
+    after work, at most once per ``interval`` seconds.
+
+    A burst of input (a million submissions, a backlog of reports) leaves its decoded
+    records and client buffers freed but still in the heap; without this the process
+    keeps that peak as RSS.  ``busy()`` after each step that did work, ``idle()`` after
+    each step that found none.
+    """
+
+    def __init__(self, interval: float = 10.0, *, trim: Any = release_free_memory,
+                 clock: Any = None) -> None:
+        import time
+
+        self.interval = interval
+        self._trim = trim
+        self._clock = clock or time.monotonic
+        self._worked = False
+        self._last = float("-inf")
+
+    def busy(self) -> None:
+        self._worked = True
+
+    def idle(self) -> bool:
+        """Trim if there was work since the last trim and the interval has passed; True if it did."""
+        if not self._worked:
+            return False
+        now = self._clock()
+        if now - self._last < self.interval:
+            return False
+        self._trim()
+        self._last = now
+        self._worked = False
+        return True

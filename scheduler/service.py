@@ -31,7 +31,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from infra.config import Settings
 from infra.errors import BrokerUnavailable, DecodeError
 from infra.kafka import KAFKA_LOGGER, DeadLetters, ensure_topics, make_consumer, make_producer
-from infra.memory import release_free_memory
+from infra.memory import TrimWhenIdle, release_free_memory
 from infra.topics import topic_specs
 from scheduler.coldstore import FileColdStore
 from scheduler.state import COMMANDS, CONTROL, EVENTS, READY, Output, PartitionState, Rejected, SchedulerConfig
@@ -101,6 +101,8 @@ class SchedulerService:
         self._consumer_overrides = consumer_overrides or {}
         self._known_topics: set[str] = set()
         self._log = log.bind(instance=self.instance_id)
+        #: Gives the heap pages freed after a burst of input back once the input stops.
+        self._trim = TrimWhenIdle()
         self._consumer: Consumer | None = None
         #: Set once the instance has joined and restored its first assignment.
         self.ready = threading.Event()
@@ -312,7 +314,10 @@ class SchedulerService:
             records.append(msg)
         nd = self._next_due()
         if not records and (nd is None or nd > now):
+            self._trim.idle()
             return
+        if records:
+            self._trim.busy()
         t0 = time.monotonic()
         # A full batch means more input is waiting: judge no lease until it is read.
         caught_up = len(msgs) < wanted

@@ -110,3 +110,20 @@ def test_long_ids_are_read_back_whole(tmp_path) -> None:  # type: ignore[no-unty
     assert s.next_due_ms() == 50 and s.due_until(55) == [long_id]
     assert s.take(long_id) == b"data" and s.next_due_ms() == 60
     s.close()
+
+
+def test_memory_is_trimmed_once_a_service_goes_idle_after_work_and_not_more_often() -> None:
+    from infra.memory import TrimWhenIdle
+
+    now = [100.0]
+    trims: list[float] = []
+    t = TrimWhenIdle(10.0, trim=lambda: trims.append(now[0]), clock=lambda: now[0])
+    assert not t.idle() and trims == []  # idle from the start: nothing to give back
+    t.busy()
+    assert t.idle() and trims == [100.0]  # the first idle step after work
+    assert not t.idle()  # nothing new since
+    t.busy()
+    now[0] = 105.0
+    assert not t.idle()  # worked again, but within the interval
+    now[0] = 110.0
+    assert t.idle() and trims == [100.0, 110.0]
