@@ -557,6 +557,13 @@ def _render(value: Any, limit: int) -> str:
 _CHECK_CACHE = 10_000
 
 
+def _remember(cache: dict[str, Any], key: str, value: Any) -> None:
+    """Store in a per-target cache, emptied when full (targets are few; this bounds a flood)."""
+    if len(cache) >= _CHECK_CACHE:
+        cache.clear()
+    cache[key] = value
+
+
 class PythonExecutor(Executor):
     """Calls ``pkg.module:function`` (or ``pkg.module:Class.method``) with keyword arguments.
 
@@ -602,9 +609,7 @@ class PythonExecutor(Executor):
             if self._allowed is not None and not any(module == a or module.startswith(a + ".") for a in self._allowed):
                 allowed = ", ".join(self._allowed) or "none"
                 refusal = f"python module {module!r} is not in this worker's allowed modules ({allowed})"
-        if len(self._checked) >= _CHECK_CACHE:
-            self._checked.clear()
-        self._checked[target] = refusal
+        _remember(self._checked, target, refusal)
         return refusal
 
     def execute(self, spec: ExecutorSpec, ctx: RunContext) -> Outcome:
@@ -628,9 +633,7 @@ class PythonExecutor(Executor):
                 return Outcome(outcome="failed", reason=f"cannot load {p.target!r}: {type(e).__name__}: {e}")
             if not callable(fn):
                 return Outcome(outcome="failed", reason=f"{p.target!r} is not callable")
-            if len(self._loaded) >= _CHECK_CACHE:
-                self._loaded.clear()
-            self._loaded[p.target] = fn
+            _remember(self._loaded, p.target, fn)
         try:
             kwargs = json.loads(p.kwargs_json or "{}")
         except ValueError as e:

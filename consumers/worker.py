@@ -885,6 +885,12 @@ class Worker:
             return f"executor {kind!r} not allowed on worker {self.worker_id}"
         return self._executors[kind].check(ready.executor)
 
+    def _answer_unrun(self, rec: Record, outcome: str, reason: str | None) -> None:
+        """Report an attempt that ends without running (cancelled before it started, refused)."""
+        ready = rec.ready
+        self._report_finished(rec, self._finished(ready, outcome=outcome, reason=reason))
+        self._metrics.finished.labels(self._topic_queue[rec.tp[0]], ready.executor.kind, outcome).inc()
+
     def _dispatch(self, pool: JobThreads) -> None:
         while len(self._running) < self.concurrency and self._buffer:
             rec = self._buffer.pop()
@@ -893,14 +899,12 @@ class Worker:
             cancelled = self._cancelled.pop((ready.run_id, ready.attempt), None)
             if cancelled is not None:
                 bound.info("run cancelled before it started", reason=cancelled)
-                self._report_finished(rec, self._finished(ready, outcome="cancelled", reason=cancelled))
-                self._metrics.finished.labels(self._topic_queue[rec.tp[0]], ready.executor.kind, "cancelled").inc()
+                self._answer_unrun(rec, "cancelled", cancelled)
                 continue
             refusal = self._refusal(ready)
             if refusal is not None:
                 bound.warning("run refused", reason=refusal)
-                self._report_finished(rec, self._finished(ready, outcome="refused", reason=refusal))
-                self._metrics.finished.labels(self._topic_queue[rec.tp[0]], ready.executor.kind, "refused").inc()
+                self._answer_unrun(rec, "refused", refusal)
                 continue
             run = self._new_run(rec, bound)
             token = next(self._tokens)
@@ -949,9 +953,7 @@ class Worker:
             stopped = run.ctx.pause((ready.not_before_ms - now_ms()) / 1000)
             if stopped is not None:
                 if stopped == "cancel":  # before it started: answered without running
-                    self._report_finished(rec, self._finished(ready, outcome="cancelled",
-                                                              reason=run.ctx.stop_message))
-                    self._metrics.finished.labels(queue_name, kind, "cancelled").inc()
+                    self._answer_unrun(rec, "cancelled", run.ctx.stop_message)
                 # On shutdown: neither run nor reported; its next owner runs it.
                 return
         started_ms = run.started_ms = now_ms()

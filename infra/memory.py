@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import time
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 
 @lru_cache(maxsize=1)
@@ -42,13 +43,11 @@ class TrimWhenIdle:
     each step that found none.
     """
 
-    def __init__(self, interval: float = 10.0, *, trim: Any = release_free_memory,
-                 clock: Any = None) -> None:
-        import time
-
+    def __init__(self, interval: float = 10.0, *, trim: Callable[[], object] = release_free_memory,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
         self._trim = trim
-        self._clock = clock or time.monotonic
+        self._clock = clock
         self._worked = False
         self._last = float("-inf")
 

@@ -713,16 +713,13 @@ class PartitionState:
         # A job change made together with a change of one of its attempts rides on that
         # attempt's RunStatusChanged (the last event out, same job): one record instead of
         # two, which on a no-op job is three of seven events.
-        for i in range(len(out) - 1, -1, -1):
-            topic, ev = out[i]
-            if topic != EVENTS:
-                continue
-            if (isinstance(ev, RunStatusChanged) and ev.job_id == job.job_id and ev.job_status is None
-                    and (run_id is None or run_id == ev.run_id)):
-                out[i] = (EVENTS, replace(ev, job_status=status, job_reason=reason, job_attempts=job.attempts,
-                                          job_next_fire_ms=nxt))
-                return
-            break
+        last = next((i for i in range(len(out) - 1, -1, -1) if out[i][0] == EVENTS), None)
+        ev = out[last][1] if last is not None else None
+        if (isinstance(ev, RunStatusChanged) and ev.job_id == job.job_id and ev.job_status is None
+                and (run_id is None or run_id == ev.run_id)):
+            out[last] = (EVENTS, replace(ev, job_status=status, job_reason=reason, job_attempts=job.attempts,
+                                         job_next_fire_ms=nxt))
+            return
         out.append((EVENTS, self._job_event(job.spec.user_id, job.spec.tenant_id, job.job_id, status, now,
                                             reason=reason, attempts=job.attempts, run_id=run_id,
                                             next_fire_ms=nxt)))

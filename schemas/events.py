@@ -326,11 +326,8 @@ def job_changes(events: Iterable[Event]) -> list[JobStatusChanged]:
     change a ``RunStatusChanged`` carries (``job_status``)."""
     out: list[JobStatusChanged] = []
     for e in events:
-        if isinstance(e, JobStatusChanged):
-            out.append(e)
-        elif isinstance(e, RunStatusChanged) and e.job_status is not None:
-            change = e.job_change()
-            assert change is not None
+        change = e.job_change() if isinstance(e, RunStatusChanged) else e
+        if isinstance(change, JobStatusChanged):
             out.append(change)
     return out
 
