@@ -415,6 +415,7 @@ class _Callers:
                         return
                 continue  # a call was handed over just now: take it
             bg.run()
+            bg = None  # an idle thread holds nothing of the last job
             with self._lock:
                 self._idle += 1
 
@@ -445,8 +446,9 @@ class _Background:
         finally:
             self._fn = None  # type: ignore[assignment]  # nothing of the job stays on the thread
             self.finished = True  # before the wake-up, so the waiter sees it when it wakes
-            if self._on_done is not None:
-                self._on_done()
+            on_done, self._on_done = self._on_done, None
+            if on_done is not None:
+                on_done()
 
     def wait(self, ctx: RunContext) -> Ending | None:
         """Tick until the call returns (None) or the attempt must end (why)."""

@@ -522,6 +522,7 @@ class JobThreads:
             except BaseException as e:  # noqa: BLE001 - the target reports its own errors; this is a bug
                 self._log.error("job thread failed", error=repr(e))
             finally:
+                work = item = None  # an idle thread holds nothing of the last job
                 finished.put(token)
 
     def shutdown(self, wait: bool, timeout: float = 30.0) -> None:
@@ -744,21 +745,31 @@ class Worker:
         if held_due is not None and accept:
             # Wake up when the next held run is to be handed to a job thread.
             timeout = max(0.0, min(timeout, (held_due - _HANDOFF_AHEAD_MS - now_ms()) / 1000))
-        for msg in consumer.consume(num_messages=self.prefetch, timeout=timeout):
+        msgs = consumer.consume(num_messages=self.prefetch, timeout=timeout)
+        if pool is not None:
+            self._hand_over_held(pool)  # first: the records just consumed are not due yet
+        for msg in msgs:
             self._on_message(msg, accept=accept)
         self._poll_control(control)
         self._reap()
         self._report_starts()
         self._drain_events()
         if pool is not None:
-            for rec in self._held.pop_due(now_ms() + _HANDOFF_AHEAD_MS):
-                self._buffer.push(rec)
+            self._hand_over_held(pool)
             self._dispatch(pool)
         self._flow_control(consumer)
         self._commit(consumer)
         assert self._producer is not None
         self._producer.poll(0)
         self._metrics.buffered.labels(self.worker_id).set(len(self._buffer) + len(self._held))
+
+    def _hand_over_held(self, pool: JobThreads) -> None:
+        """Runs dispatched ahead whose instant is near go to job threads, which start them on it."""
+        due = self._held.pop_due(now_ms() + _HANDOFF_AHEAD_MS)
+        if due:
+            for rec in due:
+                self._buffer.push(rec)
+            self._dispatch(pool)
 
     def _shutdown(self, consumer: Consumer, control: Consumer, pool: JobThreads) -> None:
         log = self._log
@@ -941,6 +952,10 @@ class Worker:
             run.bound.exception("job thread failed; its record counts as finished")
             self._events.put(("done", None, run.record))
         finally:
+            # run -> ctx -> on_tick -> run is a cycle: broken here, the attempt's objects are
+            # freed as soon as the last reference goes, not by the cycle collector, whose full
+            # collections of them stalled every thread of the worker for up to ~100 ms.
+            run.ctx.on_tick = None
             self._metrics.running.labels(self.worker_id).dec()
 
     def _attempt(self, run: _Run) -> None:

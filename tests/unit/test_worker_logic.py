@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -657,3 +658,37 @@ def test_a_run_waiting_for_its_instant_at_shutdown_is_left_for_redelivery() -> N
     assert fake.sent == []  # not run, not reported: the offset stays uncommitted
     w._drain_events()
     assert w._tracker.committable() == {(w.topics[1], 0): 5}  # never past it
+
+
+@pytest.mark.parametrize("spec", [
+    ExecutorSpec.of_shell(["true"]),
+    ExecutorSpec(kind="python", python=PythonSpec(target="tests.helpers.pyjobs:add", kwargs_json='{"a": 1, "b": 2}')),
+], ids=["shell", "python"])
+def test_a_finished_attempt_is_freed_without_the_cycle_collector(spec: ExecutorSpec) -> None:
+    # Reference cycles through an attempt's state left every run to the cycle collector:
+    # full collections of tens of thousands of objects stalled the worker's threads for
+    # up to ~100 ms, and runs due then started that late.
+    import gc
+
+    w = Worker(Settings(topic_prefix="unit"), registry=CollectorRegistry(), worker_id="w-1",
+               allow=frozenset({"shell", "python"}))
+    gc.collect()
+    flags = gc.get_debug()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        fake, pool = _start_in_thread(w, _ready(spec))
+        run = weakref.ref(next(iter(w._running.values())))
+        _wait_all(w, pool)
+        fake.poll()  # log chunks acknowledged, RunFinished sent
+        time.sleep(0.25)
+        w._report_starts()  # the consuming thread lets go of it once the start-report delay is over
+        w._drain_events()
+        (fin,) = fake.events(RunFinished)
+        assert fin.outcome == "succeeded", fin.reason
+        gc.collect()
+        # Freed, and not by the collector: DEBUG_SAVEALL keeps what it finds in gc.garbage.
+        left = sorted({type(o).__name__ for o in gc.garbage if isinstance(o, (Record, RunReady, RunContext, LogStream))})
+        assert left == [] and run() is None
+    finally:
+        gc.set_debug(flags)
+        gc.garbage.clear()
