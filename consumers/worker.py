@@ -746,8 +746,8 @@ class Worker:
             # Wake up when the next held run is to be handed to a job thread.
             timeout = max(0.0, min(timeout, (held_due - _HANDOFF_AHEAD_MS - now_ms()) / 1000))
         msgs = consumer.consume(num_messages=self.prefetch, timeout=timeout)
-        if pool is not None:
-            self._hand_over_held(pool)  # first: the records just consumed are not due yet
+        if pool is not None and self._take_due_held():
+            self._dispatch(pool)  # first: the records just consumed are not due yet
         for msg in msgs:
             self._on_message(msg, accept=accept)
         self._poll_control(control)
@@ -755,7 +755,7 @@ class Worker:
         self._report_starts()
         self._drain_events()
         if pool is not None:
-            self._hand_over_held(pool)
+            self._take_due_held()
             self._dispatch(pool)
         self._flow_control(consumer)
         self._commit(consumer)
@@ -763,13 +763,13 @@ class Worker:
         self._producer.poll(0)
         self._metrics.buffered.labels(self.worker_id).set(len(self._buffer) + len(self._held))
 
-    def _hand_over_held(self, pool: JobThreads) -> None:
-        """Runs dispatched ahead whose instant is near go to job threads, which start them on it."""
+    def _take_due_held(self) -> bool:
+        """Moves the held runs whose instant is near into the buffer, for job threads to
+        start on it; True if there were any."""
         due = self._held.pop_due(now_ms() + _HANDOFF_AHEAD_MS)
-        if due:
-            for rec in due:
-                self._buffer.push(rec)
-            self._dispatch(pool)
+        for rec in due:
+            self._buffer.push(rec)
+        return bool(due)
 
     def _shutdown(self, consumer: Consumer, control: Consumer, pool: JobThreads) -> None:
         log = self._log
