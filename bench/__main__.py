@@ -18,7 +18,16 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, RunOptions, machine_info, read_result, say, target_met, write_result
+from bench.common import (
+    CROWDED_BROKER_PARTITIONS,
+    RESULTS,
+    RunOptions,
+    machine_info,
+    read_result,
+    say,
+    target_met,
+    write_result,
+)
 
 #: Run order: ceiling needs throughput's records per job; peer and ceiling figures are
 #: folded into throughput.json / timers.json at the end.
@@ -118,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         say("stack up (idempotent)")
         up(settings, log=lambda m: None)
     machine = machine_info(settings)
+    crowded = machine.get("broker_partitions_at_start")
+    if crowded is not None and crowded > CROWDED_BROKER_PARTITIONS:
+        say(f"warning: the broker already holds {crowded:,} partitions (topics of earlier runs or tests); "
+            "they cost it heap and CPU, so these results will be lower than on a clean broker")
     say(f"run {opts.run_id}: {', '.join(names)} ({opts.size}); results -> {opts.out}; service logs -> {opts.logs}")
     failed: list[str] = []
     t0 = time.monotonic()

@@ -173,7 +173,25 @@ def machine_info(settings: Any | None = None) -> dict[str, Any]:
                 info["postgres"] = c.execute("SHOW server_version").fetchone()[0]
         except Exception:  # noqa: BLE001
             info["postgres"] = None
+        info["broker_partitions_at_start"] = broker_partitions(settings)
     return info
+
+
+#: Above this many partitions already on the broker when a run starts, the run warns: a
+#: broker that carries thousands of partitions left by test runs has less heap and CPU
+#: for the scenarios, and the timers' tail showed it (docs/benchmarks.md).
+CROWDED_BROKER_PARTITIONS = 500
+
+
+def broker_partitions(settings: Any) -> int | None:
+    """Partitions on the broker, internal topics included (None if it does not answer)."""
+    try:
+        from infra.kafka import make_admin
+
+        topics = make_admin(settings).list_topics(timeout=10).topics
+        return sum(len(t.partitions) for t in topics.values())
+    except Exception:  # noqa: BLE001 - informational
+        return None
 
 
 def _cpu_model() -> str | None:
