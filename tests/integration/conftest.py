@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from infra.config import Settings
@@ -42,10 +44,12 @@ def drop_test_topics(stack_settings: Settings):
     try:
         created = sorted(t for t in admin.list_topics(timeout=30).topics
                          if t not in before and not t.startswith(("__", own)))
-        for fut in admin.delete_topics(created, operation_timeout=60).values() if created else ():
-            try:
-                fut.result(timeout=60)
-            except KafkaException:
-                pass  # already gone, or the broker refused: left behind, nothing else depends on it
     except KafkaException as e:
         print(f"could not delete the test topics: {e}")
+        return
+    if not created:
+        return
+    for fut in admin.delete_topics(created, operation_timeout=60).values():
+        # Already gone, or the broker refused: left behind, nothing else depends on it.
+        with contextlib.suppress(KafkaException):
+            fut.result(timeout=60)
